@@ -1,0 +1,59 @@
+# The commands a user types. `make run` and `make test` do all the set-up on a fresh Debian 12.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+BUILD := build
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/version.py)
+OVA := $(BUILD)/backup-gateway-$(VERSION).ova
+
+.PHONY: help deps venv test test-fast bench lint ova run controlplane clean
+
+help:
+	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
+	@echo "make test       install what is needed and run every test (unit, AWS CLI, console, VM)"
+	@echo "make test-fast  the tests that need no VM image"
+	@echo "make bench      the upload shaper benchmark"
+	@echo "make ova        build $(OVA) with Packer"
+	@echo "make controlplane  run the reference control plane on 127.0.0.1:8443"
+	@echo "make lint       ruff"
+
+# System packages (qemu, packer, mmdebstrap, ...); skips what is installed already.
+deps:
+	@tools/install-deps.sh
+
+$(VENV_STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || tools/install-deps.sh
+	$(PYTHON) -m venv $(VENV) || { tools/install-deps.sh && $(PYTHON) -m venv $(VENV); }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV_STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check appliance controlplane tests tools
+
+test-fast: venv
+	$(PY) -m pytest -m "not vm" -q
+
+test: deps venv lint ova
+	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m tools.bench
+
+ova: $(OVA)
+
+$(OVA): deps venv $(shell find appliance systemd packer ovf tools/image -type f 2>/dev/null) pyproject.toml
+	tools/image/build-ova.sh $(VERSION) $(OVA)
+
+run: deps venv ova
+	tools/run-vm.sh $(OVA)
+
+controlplane: venv
+	$(PY) -m controlplane serve --listen 127.0.0.1:8443 --state-dir $(BUILD)/controlplane
+
+clean:
+	rm -rf $(BUILD) $(VENV) .pytest_cache

@@ -1,0 +1,68 @@
+"""The gateway's identity: an Ed25519 key pair created on first start and reused after.
+
+The private key never leaves the state directory (mode 0600, owned by the daemon's user);
+the control plane only ever sees the public key, to which it binds activation keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+
+from appliance import linkproto
+from appliance.atomicfile import write_atomic
+
+KEY_FILE = "identity.pem"
+
+
+class IdentityError(Exception):
+    """The key file exists but cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_raw(self) -> bytes:
+        return linkproto.public_key_bytes(self.private_key.public_key())
+
+    @property
+    def key_id(self) -> str:
+        return linkproto.key_id(self.public_raw)
+
+    @property
+    def public_b64(self) -> str:
+        return linkproto.encode_public_key(self.public_raw)
+
+    def sign(self, method: str, path_qs: str, content_sha256: str) -> dict[str, str]:
+        return linkproto.sign(self.private_key, method, path_qs, content_sha256)
+
+
+def load_or_create(state_dir: Path) -> tuple[Identity, bool]:
+    """Return the identity kept in `state_dir`, creating it the first time; and whether it is new."""
+    path = state_dir / KEY_FILE
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        write_atomic(path, pem, mode=0o600)
+        return Identity(key), True
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from None
+    try:
+        key = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise IdentityError(f"identity key {path} is not a PEM Ed25519 private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"identity key {path} is not an Ed25519 key")
+    return Identity(key), False
