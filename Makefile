@@ -27,7 +27,7 @@ $(VENV_STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || tools/install-deps.sh
 	$(PYTHON) -m venv $(VENV) || { tools/install-deps.sh && $(PYTHON) -m venv $(VENV); }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 venv: $(VENV_STAMP)
