@@ -46,7 +46,7 @@ bench: venv
 
 ova: $(OVA)
 
-$(OVA): deps venv $(shell find appliance systemd packer ovf tools/image -type f 2>/dev/null) pyproject.toml
+$(OVA): $(shell find appliance systemd packer ovf tools/image -type f -not -name '*.pyc' 2>/dev/null) pyproject.toml | deps $(VENV_STAMP)
 	tools/image/build-ova.sh $(VERSION) $(OVA)
 
 run: deps venv ova
