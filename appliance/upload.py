@@ -1,0 +1,175 @@
+"""The upload client: stream data to the control plane's `PUT /gateway/data/{name}`, shaped.
+
+The body is an async generator of pieces, each acquired from the gateway's one shared shaper
+just before it is handed to the socket, so every upload of the gateway together keeps to the
+schedule's limit (docs/link-protocol.md; the limit is on the data, not on HTTP framing).
+The request is signed with the gateway identity; the body hash is either precomputed by the
+caller or `UNSIGNED-PAYLOAD`, and in both cases the client hashes what it sends and checks the
+server's answer, so a backup is only reported stored when the server holds exactly its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from appliance import linkproto
+from appliance.identity import Identity
+from appliance.shaping import UNLIMITED_PIECE, ScheduledShaper
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+Source = bytes | bytearray | memoryview | Path | AsyncIterable[bytes]
+
+
+class UploadError(Exception):
+    """The upload was refused or its result does not match what was sent.
+
+    `code` is the control plane's error name (`InvalidSignature`, `NotActivated`,
+    `ChecksumMismatch`, ...) or `BadResponse`; `status` the HTTP status (0 if none).
+    """
+
+    def __init__(self, code: str, message: str, status: int = 0):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    name: str
+    size: int
+    sha256: str
+    seconds: float
+
+    @property
+    def bits_per_sec(self) -> float:
+        return self.size * 8 / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UploadError(
+            "ValidationError", f"name: 1-200 characters of A-Z a-z 0-9 . _ -, got {name!r}"
+        )
+    return name
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, for callers that want the server to check a signed body hash."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def _chunks(source: Source, piece: int) -> AsyncIterator[bytes | memoryview]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield memoryview(source)
+    elif isinstance(source, Path):
+        # Local reads of at most one piece from the page cache take well under a millisecond;
+        # a thread hop per piece would cost more than it saves.
+        with source.open("rb") as f:
+            while chunk := f.read(piece):
+                yield chunk
+    else:
+        async for chunk in source:
+            yield chunk
+
+
+class _Body:
+    """The shaped body generator; counts and hashes what it hands to aiohttp."""
+
+    def __init__(self, source: Source, shaper: ScheduledShaper | None, verify: bool):
+        self._source = source
+        self._shaper = shaper
+        self._hash = hashlib.sha256() if verify else None
+        self.size = 0
+
+    @property
+    def sha256(self) -> str | None:
+        return self._hash.hexdigest() if self._hash is not None else None
+
+    def _piece(self) -> int:
+        return self._shaper.piece_size if self._shaper is not None else UNLIMITED_PIECE
+
+    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+        shaper = self._shaper
+        async for chunk in _chunks(self._source, self._piece()):
+            view = memoryview(chunk).cast("B")
+            while view:
+                # The piece size follows the rate in force, re-read for every piece.
+                part = view[: self._piece()]
+                view = view[len(part) :]
+                if shaper is not None:
+                    await shaper.acquire(len(part))
+                if self._hash is not None:
+                    self._hash.update(part)
+                self.size += len(part)
+                yield part
+
+
+async def upload(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    identity: Identity,
+    name: str,
+    source: Source,
+    shaper: ScheduledShaper | None = None,
+    *,
+    content_sha256: str | None = None,
+    verify: bool = True,
+) -> UploadResult:
+    """PUT `source` as `name`; return what the server stored. Raises UploadError.
+
+    `content_sha256`: the body's hex SHA-256 if known (the server then refuses a body that
+    differs); otherwise UNSIGNED-PAYLOAD. `verify`: hash while sending and compare with the
+    server's answer (costs about one SHA-256 pass over the data).
+    """
+    check_name(name)
+    path = f"/gateway/data/{name}"
+    headers = identity.sign("PUT", path, content_sha256 or linkproto.UNSIGNED_PAYLOAD)
+    headers["Content-Type"] = "application/octet-stream"
+    body = _Body(source, shaper, verify)
+    started = time.monotonic()
+    try:
+        async with session.put(
+            base_url.rstrip("/") + path, data=body.__aiter__(), headers=headers
+        ) as resp:
+            try:
+                payload = await resp.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                payload = None
+            status = resp.status
+    except aiohttp.ClientError as exc:
+        log.warning("event=upload_failed name=%s error=%s", name, type(exc).__name__)
+        raise UploadError("ConnectionError", f"{type(exc).__name__}: {exc}") from exc
+    seconds = time.monotonic() - started
+    if not isinstance(payload, dict):
+        raise UploadError("BadResponse", f"HTTP {status} without a JSON object", status)
+    if status != 201:
+        code = str(payload.get("error", f"HTTP{status}"))
+        log.warning("event=upload_refused name=%s status=%d error=%s", name, status, code)
+        raise UploadError(code, str(payload.get("message", "")), status)
+    size, digest = payload.get("size"), payload.get("sha256")
+    if size != body.size:
+        raise UploadError("BadResponse", f"server stored {size} bytes, sent {body.size}", status)
+    if body.sha256 is not None and digest != body.sha256:
+        raise UploadError("ChecksumMismatch", f"server sha256 {digest} != sent {body.sha256}")
+    log.info(
+        "event=upload_done name=%s bytes=%d seconds=%.3f bps=%.0f",
+        name,
+        body.size,
+        seconds,
+        body.size * 8 / seconds if seconds else 0.0,
+    )
+    return UploadResult(name=name, size=body.size, sha256=str(digest), seconds=seconds)
