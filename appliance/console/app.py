@@ -1,0 +1,227 @@
+"""The console's entry point: login, the forced first password change, the main menu.
+
+Runs as root on the appliance from a getty drop-in on tty1 and ttyS0; it never exits to a
+shell: `x` logs out back to the login prompt, Ctrl-C / Ctrl-D go back one level, and an
+unexpected error is logged and reported in one line before the menu is shown again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from appliance.console import activation, connectivity, network, resourcecheck, shell, timemenu
+from appliance.console.api import DEFAULT_SOCKET, LocalApi
+from appliance.console.auth import USERNAME, PasswordFileError, PasswordStore, Throttle
+from appliance.console.context import Context
+from appliance.console.ui import Back, Terminal
+from appliance.system import netinfo, resources
+from appliance.system.networkd import DEFAULT_DIR, NetworkdStore
+from appliance.system.timesync import DEFAULT_DROPIN, TimeSync
+from appliance.version import __version__
+
+log = logging.getLogger("appliance.console")
+
+TITLE = "Backup Gateway Appliance - Configuration"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="appliance console", description=__doc__)
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the daemon's local API socket")
+    p.add_argument("--password-file", default="/etc/appliance/console-password")
+    p.add_argument("--networkd-dir", default=DEFAULT_DIR,
+                   help="where the .network files are written")
+    p.add_argument("--hostname-file", default="/etc/hostname")
+    p.add_argument("--timesyncd-conf", default=DEFAULT_DROPIN,
+                   help="the systemd-timesyncd drop-in holding the NTP servers")
+    p.add_argument("--ntp-port", type=int, default=123, help="UDP port of the NTP probes")
+    p.add_argument("--ntp-timeout", type=float, default=3.0, help="seconds per NTP probe")
+    p.add_argument("--no-apply", action="store_true",
+                   help="write configuration files but do not run networkctl, hostname, "
+                        "systemctl or step the clock (for development and tests)")
+    p.add_argument("--log-file", help="log here instead of stderr/syslog")
+    return p.parse_args(argv)
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    elif not sys.stderr.isatty():
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        # stderr is the console's own screen: send log lines to the journal instead.
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("appliance-console %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def header_lines(ctx: Context) -> list[str]:
+    status, reason = ctx.status()
+    version = (status or {}).get("softwareVersion") or __version__
+    lines = [TITLE, f"Software version {version}"]
+    if status is None:
+        lines.append(f"Gateway daemon: not reachable ({reason})")
+    elif status.get("deleted"):
+        lines.append(f"Gateway deleted: {status.get('gatewayArn')}")
+    elif status.get("activated"):
+        lines.append(f"Activated: {status.get('gatewayName')} in {status.get('region')}")
+        lines.append(f"  {status.get('gatewayArn')}")
+    else:
+        lines.append("Not activated")
+    adapters = netinfo.list_adapters()
+    for adapter in adapters:
+        lines.append(f"{adapter.name}: {', '.join(adapter.addresses) or 'no address'}")
+    if not adapters:
+        lines.append("No network adapters")
+    lines.append("")
+    return lines
+
+
+def main_menu(ctx: Context) -> None:
+    """Until the user logs out with x."""
+    while True:
+        errors = resources.error_count(resources.check())
+        options = [
+            ("0", "Get activation key"),
+            ("1", "Configure HTTP proxy"),
+            ("2", "Network configuration"),
+            ("3", "Test network connectivity"),
+            ("4", f"View system resource check ({errors} Errors)"),
+            ("5", "System time management"),
+            ("6", "Command prompt"),
+        ]
+        ctx.term.clear()
+        try:
+            choice = ctx.term.choose(options, header=header_lines(ctx),
+                                     footer=["", 'Press "x" to exit session'])
+        except Back:
+            continue  # Ctrl-C / Ctrl-D at the top: stay; `x` is the way out
+        if choice == "x":
+            return
+        try:
+            _dispatch(ctx, choice)
+        except Back:
+            continue
+        except Exception as exc:  # a bug must not end the session or show a traceback
+            log.exception("event=console_error screen=%s", choice)
+            ctx.term.say(f"Internal error ({type(exc).__name__}: {exc}); back to the menu.")
+            with contextlib.suppress(Back):
+                ctx.term.pause()
+
+
+def _dispatch(ctx: Context, choice: str) -> None:
+    if choice == "0":
+        activation.run(ctx)
+    elif choice == "1":
+        ctx.term.clear()
+        ctx.term.say("HTTP proxy configuration")
+        ctx.term.say("")
+        ctx.term.say("The Backup gateway does not support an HTTP or SOCKS proxy: it connects")
+        ctx.term.say("directly to its service endpoints (outbound TCP 443).")
+        ctx.term.pause()
+    elif choice == "2":
+        network.run(ctx)
+    elif choice == "3":
+        connectivity.run(ctx)
+    elif choice == "4":
+        resourcecheck.run(ctx)
+    elif choice == "5":
+        timemenu.run(ctx)
+    elif choice == "6":
+        shell.run(ctx)
+
+
+def login(ctx: Context, throttle: Throttle) -> bool:
+    """One login attempt; True when the user is in (with a non-default password)."""
+    term = ctx.term
+    term.clear()
+    term.say(TITLE)
+    term.say("")
+    try:
+        user = term.ask("login: ").strip()
+        password = term.ask("Password: ", password=True)
+    except Back:
+        return False
+    try:
+        ok = ctx.passwords.verify(user, password)
+        default = ctx.passwords.is_default()
+    except PasswordFileError as exc:
+        term.error(str(exc))
+        term.pause()
+        return False
+    if not ok:
+        delay = throttle.failed()
+        log.warning("event=console_login_failed user=%r failures=%d", user[:32],
+                    throttle.failures)
+        term.say("Login incorrect.")
+        if delay:
+            term.say(f"Wait {delay:g} s before the next attempt.")
+            _sleep_uninterrupted(delay)
+        return False
+    throttle.succeeded()
+    log.info("event=console_login user=%s", USERNAME)
+    if default:
+        term.clear()
+        try:
+            return shell.change_password(ctx, forced=True)
+        except Back:
+            term.say("The password must be changed before the console can be used.")
+            return False
+    return True
+
+
+def _sleep_uninterrupted(seconds: float) -> None:
+    """The throttle must not be skipped by pressing Ctrl-C."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except KeyboardInterrupt:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args.log_file)
+    # A serial line may not answer cursor-position requests; never wait for one.
+    os.environ.setdefault("PROMPT_TOOLKIT_NO_CPR", "1")
+    # Ctrl-\ and Ctrl-Z must not kill or stop the console (no core, no job control).
+    for sig in (signal.SIGQUIT, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)
+    ctx = Context(
+        term=Terminal(),
+        api=LocalApi(args.socket),
+        passwords=PasswordStore(Path(args.password_file)),
+        network=NetworkdStore(args.networkd_dir, apply=not args.no_apply,
+                              hostname_file=args.hostname_file),
+        time=TimeSync(args.timesyncd_conf, port=args.ntp_port, timeout=args.ntp_timeout,
+                      apply=not args.no_apply),
+    )
+    throttle = Throttle()
+    log.info("event=console_started version=%s socket=%s", __version__, args.socket)
+    while True:
+        try:
+            if login(ctx, throttle):
+                main_menu(ctx)
+                log.info("event=console_logout user=%s", USERNAME)
+        except KeyboardInterrupt:
+            continue  # Ctrl-C between prompts: back to the login prompt
+        except Exception:
+            log.exception("event=console_error screen=login")
+            continue
+
+
+if __name__ == "__main__":
+    sys.exit(main(None))
