@@ -1,0 +1,7 @@
+"""`python -m appliance ...`: see appliance/cli.py."""
+
+import sys
+
+from appliance.cli import main
+
+sys.exit(main())

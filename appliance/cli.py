@@ -1,0 +1,178 @@
+"""The `appliance` command: `serve` (the daemon), `status`, `console`.
+
+Operator-facing failures end in one line on stderr and a documented exit status
+(2: bad settings, 1: the daemon cannot run with what is on disk), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance import config
+from appliance.config import ConfigError
+from appliance.version import __version__
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Backup gateway appliance")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the appliance daemon")
+    serve.add_argument(
+        "--config", type=Path, default=None,
+        help=f"TOML settings file (default {config.DEFAULT_CONFIG_FILE} if it exists)",
+    )
+    serve.add_argument(
+        "--listen", action="extend", nargs="+", metavar="HOST:PORT",
+        help="activation page addresses (default 0.0.0.0:80 [::]:80)",
+    )
+    serve.add_argument("--state-dir", default=None, help="default /var/lib/appliance")
+    serve.add_argument("--control-plane", default=None, metavar="URL",
+                       help=f"default {config.DEFAULT_CONTROL_PLANE_URL}")
+    serve.add_argument("--local-api-socket", default=None,
+                       help=f"default {config.DEFAULT_LOCAL_API_SOCKET}")
+    serve.add_argument("--link-retry-max", type=float, default=None, metavar="SECONDS",
+                       help="longest wait between control plane retries (default 30)")
+
+    status = sub.add_parser("status", help="show the daemon's status (from the local API)")
+    status.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    sub.add_parser("console", help="the local console (options: --socket, --password-file)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "console":
+        # The console parses its own options (--socket, --password-file, ...).
+        from appliance.console import app
+
+        return int(app.main(argv[1:]) or 0)
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return status(args.socket, args.json)
+
+
+def serve(args: argparse.Namespace) -> int:
+    _setup_logging()
+    log = logging.getLogger("appliance")
+    try:
+        settings = config.load(
+            args.config,
+            {
+                "listen": args.listen,
+                "state_dir": args.state_dir,
+                "control_plane_url": args.control_plane,
+                "local_api_socket": args.local_api_socket,
+                "link_retry_max": args.link_retry_max,
+            },
+        )
+    except ConfigError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from appliance.daemon import Daemon, StartupError
+    from appliance.state import StateError
+
+    try:
+        asyncio.run(Daemon(settings).run())
+    except (StartupError, StateError) as exc:
+        log.error("event=startup_failed reason=%r", str(exc))
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    log.info("event=stopped")
+    return 0
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def fetch_status(path: str) -> dict[str, Any]:
+    conn = _UnixHTTPConnection(path)
+    try:
+        conn.request("GET", "/v1/status")
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise OSError(f"HTTP {resp.status}: {body.get('message')}")
+    return body
+
+
+def _yes(flag: Any) -> str:
+    return "yes" if flag else "no"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    cp = doc.get("controlPlane") or {}
+    shaping = doc.get("shaping") or {}
+    limit = shaping.get("limitBitsPerSec")
+    rows = [
+        ("Software version", doc.get("softwareVersion")),
+        ("Identity key id", doc.get("keyId")),
+        ("Activated", _yes(doc.get("activated"))),
+        ("Deleted", _yes(doc.get("deleted"))),
+        ("Gateway name", doc.get("gatewayName") or "-"),
+        ("Gateway ARN", doc.get("gatewayArn") or "-"),
+        ("Region", doc.get("region") or "-"),
+        ("Control plane", cp.get("url")),
+        ("  reachable", _yes(cp.get("reachable"))),
+        ("  last contact", cp.get("lastContact") or "never"),
+        ("  last error", cp.get("lastError") or "-"),
+        ("Upload limit", f"{limit} bit/s" if limit else "none"),
+        ("  next change", shaping.get("nextChange") or "-"),
+    ]
+    if doc.get("deletedGatewayArn"):
+        rows.insert(4, ("Deleted gateway", doc["deletedGatewayArn"]))
+    update = doc.get("softwareUpdate") or {}
+    if update.get("requests"):
+        rows.append(("Software update requested", update.get("lastRequestedAt")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def status(path: str, raw: bool) -> int:
+    try:
+        doc = fetch_status(path)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"appliance: cannot read status from {path}: {reason}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(json.dumps(doc, indent=2) if raw else format_status(doc))
+    return 0

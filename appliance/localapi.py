@@ -1,0 +1,234 @@
+"""The local API on a Unix socket (docs/local-api.md): how the console asks the daemon.
+
+A Unix socket rather than a TCP port so that only local users in the socket's group (mode
+0660) can reach it; nothing on the network can. Every error is the documented JSON shape,
+never aiohttp's HTML pages, so the console can always show `message`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from appliance import regions
+from appliance.activation import ENDPOINT_TYPES, KeyRefused, ParamError, parse_params
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+log = logging.getLogger("appliance.localapi")
+
+SOCKET_MODE = 0o660
+MAX_BODY = 64 * 1024
+PROBE_TIMEOUT = 3.0
+ACTIVATION_FIELDS = ("activationRegion", "gatewayType", "endpointType", "ipVersion", "vpcEndpoint")
+
+
+def error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    return web.json_response(
+        {"error": code, "message": message, "field": field}, status=status
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error(405, "MethodNotAllowed", f"{request.method} not allowed; use {allowed}")
+    except web.HTTPNotFound:
+        return error(404, "NotFound", f"no such call {request.path}; see docs/local-api.md")
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "TooLarge", f"request body larger than {MAX_BODY} bytes")
+    except web.HTTPException as exc:
+        return error(exc.status, exc.reason.replace(" ", ""), exc.text or exc.reason)
+    except Exception:
+        log.exception("event=local_api_error path=%s", request.path)
+        return error(500, "InternalError", "internal error; see the daemon's log")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    text = await request.text()
+    if not text.strip():
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise ParamError("body", "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ParamError("body", "body must be a JSON object")
+    return body
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(daemon.status())
+
+    async def activation_key(request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request)
+            req = parse_params({k: body.get(k) for k in ACTIVATION_FIELDS}, no_redirect=True)
+        except ParamError as exc:
+            return error(400, "ValidationError", str(exc), exc.param)
+        try:
+            result = await daemon.issue_key(req)
+        except KeyRefused as exc:
+            return error(exc.status, exc.code, str(exc))
+        return web.json_response(
+            {
+                "activationKey": result.key,
+                "region": result.region,
+                "regionFallback": req.region_fallback,
+                "expiresAt": result.expires_at,
+            }
+        )
+
+    async def schedule(_: web.Request) -> web.Response:
+        return web.json_response(daemon.schedule_view())
+
+    async def shaping(_: web.Request) -> web.Response:
+        return web.json_response(daemon.shaper.status())
+
+    async def connectivity(request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request)
+        except ParamError as exc:
+            return error(400, "ValidationError", str(exc), exc.param)
+        region_code = body.get("region") or daemon.default_region()
+        if not isinstance(region_code, str) or regions.get(region_code) is None:
+            return error(
+                400, "ValidationError",
+                f"region {region_code!r} is not an AWS region code (e.g. us-west-2)", "region",
+            )
+        endpoint_type = body.get("endpointType") or "STANDARD"
+        if endpoint_type not in ENDPOINT_TYPES:
+            return error(
+                400, "ValidationError",
+                f"endpointType {endpoint_type!r} is not accepted; accepted: STANDARD, DUALSTACK",
+                "endpointType",
+            )
+        results = await connectivity_test(
+            daemon.settings.control_plane_host, daemon.settings.control_plane_port,
+            region_code, endpoint_type,
+        )
+        return web.json_response({"results": results})
+
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/activation-key", activation_key)
+    app.router.add_get("/v1/schedule", schedule)
+    app.router.add_get("/v1/shaping", shaping)
+    app.router.add_post("/v1/connectivity-test", connectivity)
+    return app
+
+
+async def _probe_dns(host: str, port: int) -> tuple[dict[str, Any], list[Any]]:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), PROBE_TIMEOUT
+        )
+    except TimeoutError:
+        return _result("DNS", host, False, f"no answer within {PROBE_TIMEOUT:.0f}s"), []
+    except OSError as exc:
+        return _result("DNS", host, False, f"lookup failed: {exc.strerror or exc}"), []
+    addrs = sorted({info[4][0] for info in infos})
+    ms = (time.monotonic() - started) * 1000
+    return _result("DNS", host, True, f"{', '.join(addrs)} ({ms:.0f} ms)"), infos
+
+
+async def _probe_tcp(host: str, port: int, infos: list[Any]) -> dict[str, Any]:
+    target = f"{host}:{port}"
+    if not infos:
+        return _result("TCP", target, False, "skipped: the name did not resolve")
+    errors = []
+    for family, _kind, proto, _, sockaddr in infos:
+        started = time.monotonic()
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(sockaddr[0], sockaddr[1], family=family, proto=proto),
+                PROBE_TIMEOUT,
+            )
+        except TimeoutError:
+            errors.append(f"{sockaddr[0]}: no answer within {PROBE_TIMEOUT:.0f}s")
+            continue
+        except OSError as exc:
+            errors.append(f"{sockaddr[0]}: {exc.strerror or exc}")
+            continue
+        writer.close()
+        ms = (time.monotonic() - started) * 1000
+        return _result("TCP", target, True, f"connected to {sockaddr[0]} ({ms:.0f} ms)")
+    return _result("TCP", target, False, "; ".join(errors))
+
+
+def _result(
+    name: str, target: str, passed: bool, detail: str, probed: bool = True
+) -> dict[str, Any]:
+    return {"name": name, "target": target, "passed": passed, "detail": detail, "probed": probed}
+
+
+async def connectivity_test(
+    cp_host: str, cp_port: int, region_code: str, endpoint_type: str
+) -> list[dict[str, Any]]:
+    """Probe the control plane (DNS, then TCP); list the region's AWS endpoint names.
+
+    In this project the control plane URL is the regional endpoint. The AWS host names are
+    only probed if the control plane URL is one of them: the appliance must not send traffic
+    to a service it is not configured to use.
+    """
+    dns, infos = await _probe_dns(cp_host, cp_port)
+    dns["name"] = "control plane DNS"
+    tcp = await _probe_tcp(cp_host, cp_port, infos)
+    tcp["name"] = "control plane TCP"
+    results = [dns, tcp]
+    region = regions.get(region_code)
+    assert region is not None
+    for role, host in region.endpoint_hosts(endpoint_type).items():
+        if host == cp_host:
+            results.append({**tcp, "name": f"{role} endpoint", "target": f"{host}:{cp_port}"})
+            continue
+        results.append(
+            _result(
+                f"{role} endpoint", f"{host}:443", False,
+                "not probed: the control plane URL is used instead of this AWS endpoint",
+                probed=False,
+            )
+        )
+    return results
+
+
+async def start(daemon: Daemon, path: Path) -> web.AppRunner:
+    """Serve the API on `path` (parent created, stale socket removed, mode 0660)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_socket() or path.is_symlink():
+            path.unlink()
+    except OSError as exc:
+        from appliance.daemon import StartupError
+
+        raise StartupError(f"cannot prepare local_api_socket {path}: {exc.strerror}") from None
+    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    except OSError as exc:
+        from appliance.daemon import StartupError
+
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on local_api_socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    return runner
