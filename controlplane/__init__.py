@@ -1,0 +1,1 @@
+"""The reference control plane: the AWS `backup-gateway` JSON API plus the gateway link."""

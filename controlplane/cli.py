@@ -1,0 +1,124 @@
+"""`python -m controlplane serve|env`: run the control plane, or print its credentials for eval."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from controlplane import credentials
+from controlplane.server import ControlPlane
+
+log = logging.getLogger("controlplane")
+DEFAULT_LISTEN = "127.0.0.1:8443"
+
+
+def default_state_dir() -> Path:
+    """/var/lib/controlplane for a system service (root), ./controlplane-state otherwise."""
+    return Path("/var/lib/controlplane") if os.geteuid() == 0 else Path("controlplane-state")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port); argparse shows the error."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise argparse.ArgumentTypeError(
+            f"--listen must be HOST:PORT (e.g. 127.0.0.1:8443 or [::1]:8443), got {text!r}"
+        )
+    return host.strip("[]"), int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m controlplane",
+        description="The reference backup-gateway control plane.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the API and the gateway link")
+    serve.add_argument("--listen", type=parse_listen, default=parse_listen(DEFAULT_LISTEN),
+                       metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN})")
+    env = sub.add_parser("env", help="print export lines of the API credentials, for eval")
+    for p in (serve, env):
+        p.add_argument("--state-dir", type=Path, default=None,
+                       help="state directory (default /var/lib/controlplane as root, "
+                       "./controlplane-state otherwise)")
+        p.add_argument("--credentials-file", type=Path, default=None,
+                       help="API credentials file (default STATE_DIR/credentials)")
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="where gateway uploads are stored (default STATE_DIR/data)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    state_dir: Path = args.state_dir or default_state_dir()
+    creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
+    if args.command == "env":
+        return _env(state_dir, creds_file)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level,
+        format="%(asctime)s level=%(levelname)s %(message)s",
+    )
+    try:
+        plane = ControlPlane(state_dir, creds_file, args.data_dir)
+    except (credentials.CredentialsError, OSError) as exc:
+        print(f"controlplane: {exc}", file=sys.stderr)
+        return 2
+    if plane.credentials_created:
+        print(
+            f"Generated API credentials, kept in {plane.credentials_file} (mode 0600):\n"
+            f"  AWS_ACCESS_KEY_ID={plane.access_key_id}\n"
+            f"  AWS_SECRET_ACCESS_KEY={plane.secret_access_key}\n"
+            f"Load them in a shell with: eval \"$(python -m controlplane env --state-dir "
+            f"{shlex.quote(str(state_dir))})\"",
+            flush=True,
+        )
+    try:
+        asyncio.run(_serve(plane, *args.listen))
+    except OSError as exc:
+        print(f"controlplane: cannot listen on {args.listen[0]}:{args.listen[1]}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _serve(plane: ControlPlane, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        bound_host, bound_port = await plane.start(host, port)
+    except OSError:
+        plane.store.close()
+        raise
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info("event=ready listen=%s:%d state_dir=%s", shown, bound_port, plane.state_dir)
+    print(f"event=ready listen={shown}:{bound_port}", flush=True)
+    await stop.wait()
+    log.info("event=stopping")
+    with contextlib.suppress(Exception):
+        await plane.stop()
+    log.info("event=stopped")
+
+
+def _env(state_dir: Path, creds_file: Path) -> int:
+    try:
+        keys, created = credentials.ensure(creds_file)
+    except (credentials.CredentialsError, OSError) as exc:
+        print(f"controlplane: {exc}", file=sys.stderr)
+        return 2
+    if created:
+        print(f"# generated new API credentials in {creds_file}", file=sys.stderr)
+    key, secret = next(iter(keys.items()))
+    print(f"export AWS_ACCESS_KEY_ID={shlex.quote(key)}")
+    print(f"export AWS_SECRET_ACCESS_KEY={shlex.quote(secret)}")
+    return 0

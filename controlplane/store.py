@@ -1,0 +1,484 @@
+"""The control plane's state: one SQLite file, WAL journal with full sync.
+
+Why SQLite: every change (a key issued, a gateway created, a nonce seen) must survive a
+`kill -9` and a restart, and some changes must be all-or-nothing under concurrency (two
+CreateGateway calls with one key: exactly one wins). A transaction gives both. The store
+knows nothing of HTTP or JSON shapes: protocol.py and operations.py translate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+    key_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    registered_at REAL NOT NULL,
+    last_seen REAL,
+    software_version TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
+    gateway_id TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS activation_keys (
+    key TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES identities(key_id),
+    region TEXT NOT NULL,
+    endpoint_type TEXT NOT NULL,
+    ip_version TEXT,
+    vpc_endpoint TEXT,
+    issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    gateway_id TEXT
+);
+CREATE TABLE IF NOT EXISTS gateways (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    gateway_id TEXT NOT NULL UNIQUE,
+    arn TEXT NOT NULL UNIQUE,
+    key_id TEXT NOT NULL REFERENCES identities(key_id),
+    region TEXT NOT NULL,
+    name TEXT NOT NULL,
+    gateway_type TEXT NOT NULL,
+    endpoint_type TEXT NOT NULL,
+    ip_version TEXT,
+    vpc_endpoint TEXT,
+    created_at REAL NOT NULL,
+    deleted_at REAL,
+    schedule TEXT NOT NULL DEFAULT '[]',
+    software_update_request INTEGER NOT NULL DEFAULT 0,
+    maintenance TEXT
+);
+CREATE TABLE IF NOT EXISTS tags (
+    arn TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (arn, key)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    key_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (key_id, nonce)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    gateway_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (gateway_id, name)
+);
+"""
+
+DB_FILE = "controlplane.sqlite3"
+
+
+class StoreError(Exception):
+    """A request the state does not allow; `reason` is a short machine word, message for humans."""
+
+    def __init__(self, reason: str, message: str, gateway_arn: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.gateway_arn = gateway_arn
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_id: str
+    public_key: bytes
+    last_seen: float | None
+    software_version: str | None
+    version: int
+    gateway_id: str | None
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class ActivationKey:
+    key: str
+    key_id: str
+    region: str
+    endpoint_type: str
+    ip_version: str | None
+    vpc_endpoint: str | None
+    issued_at: float
+    expires_at: float
+    used_at: float | None
+
+
+@dataclass(frozen=True)
+class Gateway:
+    seq: int
+    gateway_id: str
+    arn: str
+    key_id: str
+    region: str
+    name: str
+    gateway_type: str
+    endpoint_type: str
+    ip_version: str | None
+    vpc_endpoint: str | None
+    created_at: float
+    deleted_at: float | None
+    schedule: list[dict[str, Any]]
+    software_update_request: int
+    maintenance: dict[str, int] | None
+    last_seen: float | None
+    software_version: str | None
+
+
+def partition_of(region: str) -> str:
+    """The ARN partition a region belongs to."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+_GATEWAY_SELECT = """
+SELECT g.seq, g.gateway_id, g.arn, g.key_id, g.region, g.name, g.gateway_type, g.endpoint_type,
+       g.ip_version, g.vpc_endpoint, g.created_at, g.deleted_at, g.schedule,
+       g.software_update_request, g.maintenance, i.last_seen, i.software_version
+FROM gateways g JOIN identities i ON i.key_id = g.key_id
+"""
+
+
+def _gateway(row: sqlite3.Row) -> Gateway:
+    return Gateway(
+        seq=row[0],
+        gateway_id=row[1],
+        arn=row[2],
+        key_id=row[3],
+        region=row[4],
+        name=row[5],
+        gateway_type=row[6],
+        endpoint_type=row[7],
+        ip_version=row[8],
+        vpc_endpoint=row[9],
+        created_at=row[10],
+        deleted_at=row[11],
+        schedule=json.loads(row[12]),
+        software_update_request=row[13],
+        maintenance=json.loads(row[14]) if row[14] else None,
+        last_seen=row[15],
+        software_version=row[16],
+    )
+
+
+class Store:
+    """All reads and writes of the state; each public method is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE, so a
+        # read-then-write (use a key once) cannot interleave with another writer.
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------
+
+    def account_id(self) -> str:
+        """The 12-digit account id, generated on first use and kept forever."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='account_id'").fetchone()
+            if row:
+                return str(row[0])
+            account = str(secrets.randbelow(9 * 10**11) + 10**11)
+            db.execute("INSERT INTO meta (key, value) VALUES ('account_id', ?)", (account,))
+            return account
+
+    # -- identities and activation keys -------------------------------------------------
+
+    def identity(self, key_id: str) -> Identity | None:
+        row = self._db.execute(
+            "SELECT key_id, public_key, last_seen, software_version, version, gateway_id,"
+            " deleted FROM identities WHERE key_id=?",
+            (key_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Identity(row[0], bytes(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
+
+    def issue_key(
+        self,
+        key_id: str,
+        public_key: bytes,
+        key: str,
+        region: str,
+        endpoint_type: str,
+        ip_version: str | None,
+        vpc_endpoint: str | None,
+        software_version: str | None,
+        now: float,
+        lifetime: float,
+    ) -> ActivationKey:
+        """Register the identity if new and record a key bound to it; refuse a used identity."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT gateway_id, deleted FROM identities WHERE key_id=?", (key_id,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO identities (key_id, public_key, registered_at, last_seen,"
+                    " software_version) VALUES (?, ?, ?, ?, ?)",
+                    (key_id, public_key, now, now, software_version),
+                )
+            else:
+                arn = self._arn_of(db, row[0])
+                if row[1]:
+                    raise StoreError(
+                        "GatewayDeleted",
+                        "this gateway was deleted and can never be activated again",
+                        arn,
+                    )
+                if row[0]:
+                    raise StoreError("AlreadyActivated", f"this gateway is already {arn}", arn)
+                db.execute(
+                    "UPDATE identities SET last_seen=?, software_version=COALESCE(?,"
+                    " software_version) WHERE key_id=?",
+                    (now, software_version, key_id),
+                )
+            db.execute(
+                "INSERT INTO activation_keys (key, key_id, region, endpoint_type, ip_version,"
+                " vpc_endpoint, issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, key_id, region, endpoint_type, ip_version, vpc_endpoint, now,
+                 now + lifetime),
+            )
+        return ActivationKey(key, key_id, region, endpoint_type, ip_version, vpc_endpoint, now,
+                             now + lifetime, None)
+
+    @staticmethod
+    def _arn_of(db: sqlite3.Connection, gateway_id: str | None) -> str | None:
+        if not gateway_id:
+            return None
+        row = db.execute("SELECT arn FROM gateways WHERE gateway_id=?", (gateway_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    def create_gateway(
+        self,
+        key: str,
+        region: str,
+        account: str,
+        name: str,
+        gateway_type: str,
+        tags: list[tuple[str, str]],
+        now: float,
+    ) -> Gateway:
+        """Use an activation key once and create its gateway, in one transaction."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT key, key_id, region, endpoint_type, ip_version, vpc_endpoint, issued_at,"
+                " expires_at, used_at, gateway_id FROM activation_keys WHERE key=?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                raise StoreError("UnknownKey", f"ActivationKey '{key}' was not issued by this "
+                                 "control plane; get a new key from the gateway")
+            akey = ActivationKey(*row[:9])
+            if akey.used_at is not None:
+                arn = self._arn_of(db, row[9])
+                raise StoreError("KeyUsed", f"ActivationKey '{key}' was already used to "
+                                 f"activate {arn}; keys are used once", arn)
+            if now >= akey.expires_at:
+                raise StoreError("KeyExpired", f"ActivationKey '{key}' expired (keys last 30 "
+                                 "minutes); get a new key from the gateway")
+            if akey.region != region:
+                raise StoreError("WrongRegion", f"ActivationKey '{key}' was issued for region "
+                                 f"{akey.region}, but this request is signed for region "
+                                 f"{region}; call with --region {akey.region}")
+            ident = db.execute(
+                "SELECT gateway_id, deleted FROM identities WHERE key_id=?", (akey.key_id,)
+            ).fetchone()
+            if ident[1] or ident[0]:
+                arn = self._arn_of(db, ident[0])
+                raise StoreError("KeyUsed", f"the gateway holding ActivationKey '{key}' is "
+                                 f"already activated as {arn}", arn)
+            while True:
+                gateway_id = "bgw-" + secrets.token_hex(4).upper()
+                if not db.execute(
+                    "SELECT 1 FROM gateways WHERE gateway_id=?", (gateway_id,)
+                ).fetchone():
+                    break
+            arn = (
+                f"arn:{partition_of(region)}:backup-gateway:{region}:{account}:"
+                f"gateway/{gateway_id}"
+            )
+            db.execute(
+                "INSERT INTO gateways (gateway_id, arn, key_id, region, name, gateway_type,"
+                " endpoint_type, ip_version, vpc_endpoint, created_at) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (gateway_id, arn, akey.key_id, region, name, gateway_type, akey.endpoint_type,
+                 akey.ip_version, akey.vpc_endpoint, now),
+            )
+            db.execute(
+                "UPDATE activation_keys SET used_at=?, gateway_id=? WHERE key=? AND used_at IS"
+                " NULL",
+                (now, gateway_id, key),
+            )
+            db.execute(
+                "UPDATE identities SET gateway_id=?, version=version+1 WHERE key_id=?",
+                (gateway_id, akey.key_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (arn, key, value) VALUES (?, ?, ?)",
+                [(arn, k, v) for k, v in tags],
+            )
+            return self._get(db, arn)
+
+    # -- gateways -----------------------------------------------------------------------
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, arn: str) -> Gateway:
+        row = db.execute(_GATEWAY_SELECT + " WHERE g.arn=?", (arn,)).fetchone()
+        return _gateway(row)
+
+    def gateway(self, arn: str) -> Gateway | None:
+        """The live gateway with this ARN (deleted ones are gone for the API)."""
+        row = self._db.execute(
+            _GATEWAY_SELECT + " WHERE g.arn=? AND g.deleted_at IS NULL", (arn,)
+        ).fetchone()
+        return _gateway(row) if row else None
+
+    def gateway_by_id(self, gateway_id: str) -> Gateway | None:
+        row = self._db.execute(
+            _GATEWAY_SELECT + " WHERE g.gateway_id=?", (gateway_id,)
+        ).fetchone()
+        return _gateway(row) if row else None
+
+    def list_gateways(self, region: str, after_seq: int, limit: int) -> list[Gateway]:
+        rows = self._db.execute(
+            _GATEWAY_SELECT + " WHERE g.region=? AND g.deleted_at IS NULL AND g.seq>?"
+            " ORDER BY g.seq LIMIT ?",
+            (region, after_seq, limit),
+        ).fetchall()
+        return [_gateway(r) for r in rows]
+
+    def update_gateway(self, arn: str, bump: bool = True, **changes: Any) -> Gateway | None:
+        """Change columns of a live gateway; `bump` tells its appliance (config version + 1)."""
+        allowed = {"name", "schedule", "maintenance", "software_update_request"}
+        assert set(changes) <= allowed, changes
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT key_id FROM gateways WHERE arn=? AND deleted_at IS NULL", (arn,)
+            ).fetchone()
+            if row is None:
+                return None
+            for column, value in changes.items():
+                if column == "software_update_request":
+                    db.execute(
+                        "UPDATE gateways SET software_update_request=software_update_request+1"
+                        " WHERE arn=?",
+                        (arn,),
+                    )
+                    continue
+                if column in ("schedule", "maintenance"):
+                    value = json.dumps(value)
+                db.execute(f"UPDATE gateways SET {column}=? WHERE arn=?", (value, arn))
+            if bump:
+                db.execute("UPDATE identities SET version=version+1 WHERE key_id=?", (row[0],))
+            return self._get(db, arn)
+
+    def delete_gateway(self, arn: str, now: float) -> Gateway | None:
+        """Delete a gateway and tombstone its identity: it can never be activated again."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT key_id FROM gateways WHERE arn=? AND deleted_at IS NULL", (arn,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE gateways SET deleted_at=? WHERE arn=?", (now, arn))
+            db.execute(
+                "UPDATE identities SET deleted=1, version=version+1 WHERE key_id=?", (row[0],)
+            )
+            db.execute("DELETE FROM tags WHERE arn=?", (arn,))
+            return self._get(db, arn)
+
+    # -- tags ---------------------------------------------------------------------------
+
+    def tags(self, arn: str) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._db.execute(
+                "SELECT key, value FROM tags WHERE arn=? ORDER BY key", (arn,)
+            )
+        ]
+
+    def tag(self, arn: str, tags: list[tuple[str, str]]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (arn, key, value) VALUES (?, ?, ?)",
+                [(arn, k, v) for k, v in tags],
+            )
+
+    def untag(self, arn: str, keys: list[str]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM tags WHERE arn=? AND key=?", [(arn, k) for k in keys])
+
+    # -- the link -----------------------------------------------------------------------
+
+    def record_nonce(self, key_id: str, nonce: str, now: float, keep: float) -> bool:
+        """Remember a request nonce; False when it was seen before (a replay)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM nonces WHERE seen_at < ?", (now - keep,))
+            try:
+                db.execute(
+                    "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
+                    (key_id, nonce, now),
+                )
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def heartbeat(self, key_id: str, software_version: str | None, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE identities SET last_seen=?, software_version=COALESCE(?,"
+                " software_version) WHERE key_id=?",
+                (now, software_version, key_id),
+            )
+
+    def record_upload(self, gateway_id: str, name: str, size: int, sha256: str,
+                      now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO uploads (gateway_id, name, size, sha256, stored_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (gateway_id, name, size, sha256, now),
+            )
+
+    def upload(self, gateway_id: str, name: str) -> tuple[int, str] | None:
+        row = self._db.execute(
+            "SELECT size, sha256 FROM uploads WHERE gateway_id=? AND name=?", (gateway_id, name)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
