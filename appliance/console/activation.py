@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from appliance import regions
 from appliance.console.api import ApiError, ApiUnavailable
 from appliance.console.context import Context
 from appliance.system.networkd import parse_hostname
@@ -39,6 +40,25 @@ def parse_vpc_endpoint(text: str) -> str:
                          "vpce-0123...-abcd.backup-gateway.us-west-2.vpce.amazonaws.com") from None
 
 
+def ask_region(ctx: Context, question: str) -> str:
+    """A region the service knows; an unknown one falls back to us-east-1, said aloud."""
+    term = ctx.term
+    while True:
+        region = term.ask_valid(f"{question} (Return for {DEFAULT_REGION}): ", parse_region,
+                                allow_empty=True, empty=DEFAULT_REGION)
+        assert region is not None
+        if region == DEFAULT_REGION:
+            term.say(f"Region: {DEFAULT_REGION}")
+            return region
+        if regions.get(region) is not None:
+            return region
+        term.say(f"'{region}' is not a region this gateway knows: the gateway would fall back "
+                 f"to {DEFAULT_REGION}.")
+        if term.confirm(f"Use {DEFAULT_REGION} instead"):
+            term.say(f"Region: {DEFAULT_REGION}")
+            return DEFAULT_REGION
+
+
 def _expiry_text(expires_at: str) -> str:
     try:
         when = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).astimezone(UTC)
@@ -61,10 +81,7 @@ def run(ctx: Context) -> None:
     term.choose([("2", "Backup Gateway")], prompt="Select gateway family: ",
                 title="Get activation key", footer=["", "(Ctrl-C goes back)"])
     term.say("")
-    region = term.ask_valid(f"Enter the AWS Region to activate in (Return for {DEFAULT_REGION}): ",
-                            parse_region, allow_empty=True, empty=DEFAULT_REGION)
-    if region == DEFAULT_REGION:
-        term.say(f"Region: {DEFAULT_REGION}")
+    region = ask_region(ctx, "Enter the AWS Region to activate in")
     term.say("")
     network = term.choose([("1", "Public"), ("2", "VPC endpoint")], prompt="Select network type: ")
     vpc = None

@@ -105,7 +105,8 @@ def main_menu(ctx: Context) -> None:
         ctx.term.clear()
         try:
             choice = ctx.term.choose(options, header=header_lines(ctx),
-                                     footer=["", 'Press "x" to exit session'])
+                                     footer=["", 'Press "x" to exit session'],
+                                     hidden=("x",))
         except Back:
             continue  # Ctrl-C / Ctrl-D at the top: stay; `x` is the way out
         if choice == "x":

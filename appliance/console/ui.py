@@ -23,6 +23,11 @@ T = TypeVar("T")
 _STYLE = Style.from_dict({"selected": "reverse", "title": "bold", "error": "bold"})
 
 
+def fit(line: str, width: int = 79) -> str:
+    """Cut a line to the width of an 80-column serial terminal (no wrap, no scroll)."""
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 class Back(Exception):
     """The user pressed Ctrl-C or Ctrl-D: leave the current screen."""
 
@@ -41,7 +46,7 @@ class Terminal:
         sys.stdout.flush()
 
     def say(self, text: str = "") -> None:
-        sys.stdout.write(text.replace("\n", "\r\n") + "\r\n")
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
     def error(self, text: str) -> None:
@@ -88,13 +93,15 @@ class Terminal:
 
     def choose(self, options: list[tuple[str, str]], prompt: str = "Enter command: ",
                title: str | None = None, header: list[str] | None = None,
-               footer: list[str] | None = None) -> str:
+               footer: list[str] | None = None, hidden: tuple[str, ...] = ()) -> str:
         """A numbered menu answered by typing its key or by the arrow keys and Return.
 
         The menu lines are part of the prompt's message, so the highlight follows the arrows
-        and the whole menu is redrawn with the prompt (Ctrl-L also redraws it).
+        and the whole menu is redrawn with the prompt (Ctrl-L also redraws it). `hidden` keys
+        are accepted without being listed (the `x` of the main menu, named in its footer).
         """
         keys = [key for key, _ in options]
+        accepted = keys + list(hidden)
         state = {"index": -1}
         bindings = KeyBindings()
 
@@ -118,7 +125,7 @@ class Terminal:
         def message() -> FormattedText:
             parts: list[tuple[str, str]] = []
             for line in header or []:
-                parts.append(("", line + "\n"))
+                parts.append(("", fit(line) + "\n"))
             if title:
                 parts.append(("class:title", title + "\n\n"))
             typed = self._session.default_buffer.text.strip()
@@ -134,10 +141,8 @@ class Terminal:
         while True:
             state["index"] = -1
             answer = self._prompt(message, key_bindings=bindings).strip()
-            if answer.lower() in keys:
+            if answer.lower() in accepted:
                 return answer.lower()
-            if answer in keys:
-                return answer
             self.clear()
-            choices = ", ".join(keys)
+            choices = ", ".join(accepted)
             self.error(f"'{answer}' is not a choice: enter one of {choices}.")

@@ -194,6 +194,16 @@ def parse_hostname(text: str) -> str:
     return text
 
 
+def writable_refusal(directory: Path) -> str | None:
+    """Why files cannot be created in `directory` (or its nearest existing ancestor)."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        return f"{directory} is not writable by this console. Nothing was changed."
+    return None
+
+
 # ---- the store -------------------------------------------------------------------------------
 
 
@@ -220,10 +230,7 @@ class NetworkdStore:
                 "Network changes need root: this console runs as user id "
                 f"{os.geteuid()}. Nothing was changed."
             )
-        probe = self.directory if self.directory.exists() else self.directory.parent
-        if not os.access(probe, os.W_OK):
-            return f"{self.directory} is not writable by this console. Nothing was changed."
-        return None
+        return writable_refusal(self.directory)
 
     def load(self, adapter: str) -> AdapterConfig | None:
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import ntplib
 
 from appliance.atomicfile import write_atomic
-from appliance.system.networkd import parse_hostname
+from appliance.system.networkd import parse_hostname, writable_refusal
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ class TimeSync:
     def refusal(self) -> str | None:
         if self.apply and os.geteuid() != 0:
             return f"Changing time settings needs root (this console runs as uid {os.geteuid()})."
-        probe = self.dropin.parent if self.dropin.parent.exists() else self.dropin.parent.parent
-        if not os.access(probe, os.W_OK):
-            return f"{self.dropin.parent} is not writable by this console. Nothing was changed."
-        return None
+        return writable_refusal(self.dropin.parent)
 
     def save_servers(self, servers: list[str]) -> list[str]:
         reason = self.refusal()
