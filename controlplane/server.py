@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from controlplane import credentials
@@ -26,6 +27,8 @@ log = logging.getLogger("controlplane")
 MAX_API_BODY = 1 << 20
 # A larger socket read buffer lets uploads stream at several Gbit/s over loopback.
 READ_BUFSIZE = 1 << 20
+SHUTDOWN_TIMEOUT = 5.0
+_AIOHTTP = tuple(int(p) for p in aiohttp.__version__.split(".")[:2])
 
 
 class ControlPlane:
@@ -71,11 +74,15 @@ class ControlPlane:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
+        # aiohttp 3.9 moved shutdown_timeout from the site to the runner; Debian 12 has 3.8.
+        where = "runner" if _AIOHTTP >= (3, 9) else "site"
+        timeout = {"shutdown_timeout": SHUTDOWN_TIMEOUT}
         self._runner = web.AppRunner(
-            self.make_app(), access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE
+            self.make_app(), access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE,
+            **(timeout if where == "runner" else {}),
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=5.0).start()
+        await web.SockSite(self._runner, sock, **(timeout if where == "site" else {})).start()
         bound = sock.getsockname()
         return bound[0], bound[1]
 

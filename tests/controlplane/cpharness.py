@@ -1,0 +1,179 @@
+"""Fixtures for the control plane tests: a real server on a loopback port, in-process (so a
+fake clock can be moved), driven by the real AWS CLI in subprocesses and a small signed
+gateway-link client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance import linkproto
+from appliance.identity import Identity
+from controlplane.clock import FakeClock
+from controlplane.server import ControlPlane
+
+AWS = str(Path(sys.executable).parent / "aws")
+REGION = "us-west-2"
+
+
+def aws_env(key: str, secret: str, home: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "standard",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_PAGER": "",
+    }
+
+
+@dataclass
+class AwsResult:
+    rc: int
+    out: Any
+    err: str
+
+
+@dataclass
+class Server:
+    plane: ControlPlane
+    clock: FakeClock
+    host: str
+    port: int
+    home: Path
+    loop: asyncio.AbstractEventLoop
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def aws(self, *args: str, region: str = REGION, env: dict[str, str] | None = None,
+            ) -> AwsResult:
+        """Run `aws backup-gateway ARGS` against this server; JSON output parsed."""
+        proc = subprocess.run(
+            [AWS, "backup-gateway", *args, "--endpoint-url", self.url, "--region", region,
+             "--output", "json"],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        out = json.loads(proc.stdout) if proc.stdout.strip() else None
+        return AwsResult(proc.returncode, out, proc.stderr)
+
+    def ok(self, *args: str, region: str = REGION) -> Any:
+        res = self.aws(*args, region=region)
+        assert res.rc == 0, res.err
+        return res.out
+
+    def link(self, identity: Identity | None = None) -> LinkClient:
+        return LinkClient(self.host, self.port, identity or new_identity())
+
+    def waiting_polls(self, key_id: str) -> int:
+        fut = asyncio.run_coroutine_threadsafe(_count(self.plane, key_id), self.loop)
+        return fut.result(5)
+
+
+async def _count(plane: ControlPlane, key_id: str) -> int:
+    return plane.hub.waiting(key_id)
+
+
+def new_identity() -> Identity:
+    return Identity(Ed25519PrivateKey.generate())
+
+
+@dataclass
+class LinkResponse:
+    status: int
+    body: dict[str, Any]
+
+
+class LinkClient:
+    """The gateway side of docs/link-protocol.md, just enough to drive the server."""
+
+    def __init__(self, host: str, port: int, identity: Identity) -> None:
+        self.host = host
+        self.port = port
+        self.identity = identity
+        self.last_headers: dict[str, str] = {}
+
+    def send(self, method: str, path: str, body: bytes,
+             headers: dict[str, str] | None = None, timeout: float = 60) -> LinkResponse:
+        if headers is None:
+            headers = self.identity.sign(method, path, linkproto.body_sha256(body))
+        self.last_headers = headers
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={**headers, "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        return LinkResponse(resp.status, json.loads(data) if data else {})
+
+    def request_key(self, region: str = REGION, endpoint_type: str = "STANDARD",
+                    ip_version: str | None = None, vpc: str | None = None) -> LinkResponse:
+        body = json.dumps({
+            "publicKey": self.identity.public_b64,
+            "region": region,
+            "endpointType": endpoint_type,
+            "ipVersion": ip_version,
+            "vpcEndpoint": vpc,
+            "softwareVersion": "0.1.0",
+        }).encode()
+        return self.send("POST", "/gateway/activation-key", body)
+
+    def key(self, region: str = REGION, **kw: Any) -> str:
+        resp = self.request_key(region, **kw)
+        assert resp.status == 200, resp.body
+        return str(resp.body["activationKey"])
+
+    def poll(self, after: int = 0, wait: float = 0, version: str = "0.1.0") -> LinkResponse:
+        body = json.dumps({"after": after, "softwareVersion": version, "wait": wait}).encode()
+        return self.send("POST", "/gateway/poll", body)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A control plane on 127.0.0.1:<free port>, its loop in a thread, with a fake clock."""
+    clock = FakeClock()
+    plane = ControlPlane(tmp_path / "state", clock=clock)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
+    thread.start()
+    host, port = asyncio.run_coroutine_threadsafe(plane.start("127.0.0.1", 0), loop).result(10)
+    home = tmp_path / "home"
+    home.mkdir()
+    srv = Server(plane, clock, host, port, home, loop)
+    srv.env = aws_env(plane.access_key_id, plane.secret_access_key, home)
+    try:
+        yield srv
+    finally:
+        asyncio.run_coroutine_threadsafe(plane.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
