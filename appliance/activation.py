@@ -218,14 +218,20 @@ class ActivationServer:
         method, path = "-", "-"
         try:
             method, target = await asyncio.wait_for(self._read_request(reader), REQUEST_DEADLINE)
-            split = urlsplit(target)
-            path = split.path or "/"
+            if target.startswith("/"):  # origin form (the usual)
+                path, _, query = target.partition("?")
+                path = path.partition("#")[0]
+            elif target.lower().startswith(("http://", "https://")):  # absolute form
+                split = urlsplit(target)
+                path, query = split.path or "/", split.query
+            else:
+                raise _Reject(400, "malformed request target")
             if path != "/":
                 raise _Reject(404, f"not found: {path[:200]}; the activation page is GET /")
             if method != "GET":
                 body = f"method {method} not allowed; use GET\n"
                 return 405, {"Allow": "GET"}, body, method, path
-            return (*await self._activation(split.query), method, path)
+            return (*await self._activation(query.partition("#")[0]), method, path)
         except _Reject as exc:
             return exc.status, {}, f"{exc}\n", method, path
         except TimeoutError:

@@ -302,3 +302,22 @@ def appliance(control_plane: ControlPlane, make_appliance: Callable[..., Applian
 def wait_until_fixture() -> Callable[..., Any]:
     """`wait_until(predicate, timeout, what)` for test modules (they cannot import conftest)."""
     return wait_until
+
+
+@pytest.fixture(scope="module")
+def shared_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    """One control plane and one (never activated) appliance for a whole test module."""
+    tmp = tmp_path_factory.mktemp("shared")
+    cp = ControlPlane(tmp / "cp", free_port()).start()
+    app = Appliance(
+        state_dir=tmp / "app", socket_path=Path(f"/tmp/appl-{os.getpid()}-{id(tmp)}/api.sock"),
+        port=free_port(), control_plane_url=cp.url,
+    )
+    try:
+        app.start()
+        yield app
+    finally:
+        app.stop()
+        cp.stop()
+        with contextlib.suppress(OSError):
+            app.socket_path.parent.rmdir()
