@@ -294,6 +294,8 @@ class GatewayLink:
                 remaining = deadline - loop.time()
                 if state["version"] > after or remaining <= 0 or self.hub.closing:
                     return 200, state
+                log.debug("event=poll_wait key_id=%s after=%d wait=%.1f",
+                          identity.key_id, after, remaining)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), remaining)
             finally:
