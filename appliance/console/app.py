@@ -104,7 +104,7 @@ def main_menu(ctx: Context) -> None:
         ]
         ctx.term.clear()
         try:
-            choice = ctx.term.choose(options, header=header_lines(ctx),
+            choice = ctx.term.choose(options, header=lambda: header_lines(ctx),
                                      footer=["", 'Press "x" to exit session'],
                                      hidden=("x",))
         except Back:

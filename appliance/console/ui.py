@@ -92,7 +92,8 @@ class Terminal:
         self.ask("Press Return to continue")
 
     def choose(self, options: list[tuple[str, str]], prompt: str = "Enter command: ",
-               title: str | None = None, header: list[str] | None = None,
+               title: str | None = None,
+               header: list[str] | Callable[[], list[str]] | None = None,
                footer: list[str] | None = None, hidden: tuple[str, ...] = ()) -> str:
         """A numbered menu answered by typing its key or by the arrow keys and Return.
 
@@ -103,7 +104,17 @@ class Terminal:
         keys = [key for key, _ in options]
         accepted = keys + list(hidden)
         state = {"index": -1}
+        lines: list[str] = []
         bindings = KeyBindings()
+
+        def refresh_header() -> None:
+            lines[:] = header() if callable(header) else (header or [])
+
+        @bindings.add("c-l")
+        def _redraw(event: KeyPressEvent) -> None:
+            # Kernel messages may have scribbled over the screen: fresh header, full redraw.
+            refresh_header()
+            event.app.renderer.clear()
 
         def move(event: KeyPressEvent, step: int) -> None:
             current = state["index"]
@@ -124,7 +135,7 @@ class Terminal:
 
         def message() -> FormattedText:
             parts: list[tuple[str, str]] = []
-            for line in header or []:
+            for line in lines:
                 parts.append(("", fit(line) + "\n"))
             if title:
                 parts.append(("class:title", title + "\n\n"))
@@ -140,6 +151,7 @@ class Terminal:
 
         while True:
             state["index"] = -1
+            refresh_header()
             answer = self._prompt(message, key_bindings=bindings).strip()
             if answer.lower() in accepted:
                 return answer.lower()
