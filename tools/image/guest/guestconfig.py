@@ -1,0 +1,304 @@
+"""Apply the settings the hypervisor hands the VM at boot, before the network and the daemon start.
+
+Two sources, both optional, both read-only for the guest:
+
+- vSphere vApp properties, from VMware Tools (`vmtoolsd --cmd "info-get guestinfo.ovfEnv"`),
+  filled in by the user in "Deploy OVF Template" (keys `appliance.*`, see ovf/appliance.toml);
+- QEMU SMBIOS OEM strings (`-smbios type=11,value=backupgateway.KEY=VALUE`), which is how
+  `tools/run-vm.sh` and the VM tests point the appliance at the control plane on their host.
+
+Settings: hostname, ipv4_mode (dhcp|static), ipv4_address (A.B.C.D/PREFIX), ipv4_gateway,
+dns_servers (comma-separated), control_plane_url. A source's settings are applied when they
+differ from what was applied from it last time, so a later change in the console survives a
+reboot while a change of the vApp properties still takes effect. A bad value is logged with
+the setting's name and what it accepts, and skipped: a typo must never stop the VM booting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from appliance.atomicfile import write_atomic
+from appliance.system.networkd import AdapterConfig, NetworkConfigError, NetworkdStore
+
+LOG = logging.getLogger("guestconfig")
+
+OVF_ENV_NS = "http://schemas.dmtf.org/ovf/environment/1"
+VAPP_PREFIX = "appliance."
+SMBIOS_PREFIX = "backupgateway."
+KEYS = (
+    "hostname",
+    "ipv4_mode",
+    "ipv4_address",
+    "ipv4_gateway",
+    "dns_servers",
+    "control_plane_url",
+)
+HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# The adapter the vApp network settings are for: the first NIC (net.ifnames=0 in the image).
+ADAPTER = "eth0"
+
+
+class SettingError(ValueError):
+    """One setting's value is unusable; the message names the setting and what it accepts."""
+
+
+# --- reading the sources -------------------------------------------------------------------
+
+
+def parse_ovf_env(xml_text: str) -> dict[str, str]:
+    """The `appliance.*` properties of an OVF environment document, prefix removed."""
+    root = ET.fromstring(xml_text)
+    found: dict[str, str] = {}
+    for prop in root.iter(f"{{{OVF_ENV_NS}}}Property"):
+        key = prop.get(f"{{{OVF_ENV_NS}}}key", "")
+        if key.startswith(VAPP_PREFIX):
+            found[key[len(VAPP_PREFIX) :]] = prop.get(f"{{{OVF_ENV_NS}}}value", "")
+    return found
+
+
+def parse_smbios_type11(raw: bytes) -> list[str]:
+    """The strings of one SMBIOS type 11 (OEM strings) structure as the kernel exposes it."""
+    if len(raw) < 5 or raw[0] != 11:
+        return []
+    strings = raw[raw[1] :].split(b"\0")
+    out = []
+    for item in strings:
+        if not item:
+            break
+        out.append(item.decode("utf-8", "replace"))
+    return out
+
+
+def read_smbios(dmi_dir: Path) -> dict[str, str]:
+    """`backupgateway.KEY=VALUE` OEM strings from every type 11 structure."""
+    found: dict[str, str] = {}
+    for entry in sorted(dmi_dir.glob("11-*")):
+        try:
+            raw = (entry / "raw").read_bytes()
+        except OSError:
+            continue
+        for text in parse_smbios_type11(raw):
+            name, sep, value = text.partition("=")
+            if sep and name.startswith(SMBIOS_PREFIX):
+                found[name[len(SMBIOS_PREFIX) :]] = value
+    return found
+
+
+def read_vapp() -> dict[str, str]:
+    """vApp properties when running on VMware with VMware Tools; empty elsewhere."""
+    try:
+        virt = subprocess.run(
+            ["systemd-detect-virt", "--vm"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if virt != "vmware" or shutil.which("vmtoolsd") is None:
+        return {}
+    try:
+        proc = subprocess.run(
+            ["vmtoolsd", "--cmd", "info-get guestinfo.ovfEnv"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        LOG.warning("event=vapp_unreadable reason=%r", str(exc))
+        return {}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        LOG.info("event=vapp_absent")
+        return {}
+    try:
+        return parse_ovf_env(proc.stdout)
+    except ET.ParseError as exc:
+        LOG.warning("event=vapp_unreadable reason=%r", f"ovfEnv is not XML: {exc}")
+        return {}
+
+
+# --- validating ----------------------------------------------------------------------------
+
+
+def validate(settings: dict[str, str]) -> dict[str, object]:
+    """Checked values for the known, non-empty settings; bad ones are logged and left out."""
+    good: dict[str, object] = {}
+    for key, value in settings.items():
+        value = value.strip()
+        if key not in KEYS:
+            LOG.warning("event=setting_unknown setting=%s accepted=%s", key, ",".join(KEYS))
+            continue
+        if not value:
+            continue
+        try:
+            good[key] = _check(key, value)
+        except SettingError as exc:
+            LOG.warning("event=setting_invalid setting=%s reason=%r", key, str(exc))
+    if good.get("ipv4_mode") == "static" and "ipv4_address" not in good:
+        LOG.warning("event=setting_invalid setting=ipv4_address reason='static mode needs one'")
+        good.pop("ipv4_mode")
+    return good
+
+
+def _check(key: str, value: str) -> object:
+    if key == "hostname":
+        if not HOSTNAME_RE.match(value):
+            raise SettingError("hostname: 1-63 letters, digits or '-', not starting/ending in '-'")
+        return value
+    if key == "ipv4_mode":
+        if value.lower() not in ("dhcp", "static"):
+            raise SettingError(f"ipv4_mode: {value!r} is not one of dhcp, static")
+        return value.lower()
+    if key == "ipv4_address":
+        try:
+            iface = ipaddress.IPv4Interface(value)
+        except ValueError:
+            raise SettingError(f"ipv4_address: {value!r} is not A.B.C.D/PREFIX") from None
+        if "/" not in value:
+            raise SettingError(f"ipv4_address: {value!r} needs its prefix, e.g. /24")
+        return str(iface)
+    if key == "ipv4_gateway":
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise SettingError(f"ipv4_gateway: {value!r} is not an IPv4 address") from None
+    if key == "dns_servers":
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        try:
+            return [str(ipaddress.ip_address(s)) for s in servers]
+        except ValueError:
+            raise SettingError(
+                f"dns_servers: {value!r} is not a comma-separated list of IP addresses"
+            ) from None
+    if key == "control_plane_url":
+        if not re.match(r"^https?://[^/\s?#]+/?$", value):
+            raise SettingError(f"control_plane_url: {value!r} is not http(s)://HOST[:PORT]")
+        return value.rstrip("/")
+    raise SettingError(f"{key}: unknown")  # pragma: no cover - KEYS is checked before
+
+
+# --- applying ------------------------------------------------------------------------------
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def set_config(config_file: Path, key: str, value: object) -> None:
+    """Set one top-level key of the daemon's flat TOML settings file, keeping the others."""
+    try:
+        data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        data = {}
+    data[key] = value
+    lines = ["# The appliance daemon's settings (appliance/config.py names them all)."]
+    lines += [f"{k} = {toml_value(v)}" for k, v in data.items()]
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_file, ("\n".join(lines) + "\n").encode(), mode=0o644)
+
+
+def apply(settings: dict[str, object], root: Path, live: bool) -> bool:
+    """Write what `settings` asks for under `root` (/ in the VM); `live` also sets the hostname.
+
+    The network file is the console's own (appliance.system.networkd), so the console shows
+    and edits what the hypervisor set, and a console change later wins until this source changes.
+    """
+    store = NetworkdStore(
+        root / "etc/systemd/network", apply=False, hostname_file=root / "etc/hostname"
+    )
+    try:
+        _apply(settings, root, live, store)
+    except (NetworkConfigError, OSError) as exc:
+        LOG.error("event=apply_failed reason=%r", str(exc))
+        return False
+    return True
+
+
+def _apply(settings: dict[str, object], root: Path, live: bool, store: NetworkdStore) -> None:
+    if "hostname" in settings:
+        name = str(settings["hostname"])
+        store.set_hostname(name)
+        if live:
+            socket.sethostname(name)
+    mode = settings.get("ipv4_mode")
+    if mode == "static":
+        cfg = AdapterConfig(
+            ADAPTER,
+            ipv4_dhcp=False,
+            ipv4_address=ipaddress.IPv4Interface(str(settings["ipv4_address"])),
+            ipv4_gateway=(
+                ipaddress.IPv4Address(str(settings["ipv4_gateway"]))
+                if "ipv4_gateway" in settings
+                else None
+            ),
+            dns=[ipaddress.ip_address(d) for d in settings.get("dns_servers", [])],  # type: ignore[attr-defined]
+        )
+        store.save(cfg)
+        LOG.info("event=network_static adapter=%s address=%s", ADAPTER, settings["ipv4_address"])
+    elif mode == "dhcp":
+        store.save(AdapterConfig(ADAPTER))
+        LOG.info("event=network_dhcp adapter=%s", ADAPTER)
+    if "dns_servers" in settings and mode != "static":
+        LOG.warning("event=setting_ignored setting=dns_servers reason='only used with static'")
+    if "control_plane_url" in settings:
+        url = settings["control_plane_url"]
+        set_config(root / "etc/appliance/appliance.toml", "control_plane_url", url)
+        LOG.info("event=control_plane_set url=%s", url)
+
+
+def apply_if_changed(
+    source: str, raw: dict[str, str], root: Path, state_dir: Path, live: bool
+) -> bool:
+    """Apply a source's settings when they differ from the last ones applied from it."""
+    settings = validate(raw)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    record = state_dir / f"{source}.sha256"
+    try:
+        if record.read_text().strip() == digest:
+            LOG.info("event=unchanged source=%s", source)
+            return False
+    except FileNotFoundError:
+        pass
+    if not apply(settings, root, live):
+        return False  # not recorded: tried again at the next boot
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, (digest + "\n").encode(), mode=0o600)
+    LOG.info("event=applied source=%s settings=%s", source, ",".join(sorted(settings)) or "-")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("/"), help="filesystem to write into")
+    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance-guestconfig"))
+    parser.add_argument("--dmi-dir", type=Path, default=Path("/sys/firmware/dmi/entries"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    live = args.root == Path("/")
+    sources = {"vapp": read_vapp(), "smbios": read_smbios(args.dmi_dir)}
+    for source, raw in sources.items():
+        if raw:
+            apply_if_changed(source, raw, args.root, args.state_dir, live)
+        else:
+            LOG.info("event=source_empty source=%s", source)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
