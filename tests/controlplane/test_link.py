@@ -189,3 +189,24 @@ def test_uploads(server: Server) -> None:
     server.ok("delete-gateway", "--gateway-arn", arn)
     resp = upload(link, "late.bin", b"x", linkproto.UNSIGNED_PAYLOAD)
     assert resp.status == 403
+
+
+def test_upload_cut_off_midway_keeps_nothing(server: Server) -> None:
+    import socket
+
+    link = server.link()
+    arn = activate(server, link)
+    path = "/gateway/data/cut.bin"
+    headers = link.identity.sign("PUT", path, linkproto.UNSIGNED_PAYLOAD)
+    head = (f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {8 << 20}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+    incoming = server.plane.data_dir / ".incoming"
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(head.encode() + b"x" * (3 << 20))
+        wait_until(lambda: list(incoming.iterdir()), what="upload under way")
+    wait_until(lambda: not list(incoming.iterdir()), what="partial upload removed")
+    gateway_id = arn.rsplit("/", 1)[1]
+    assert not (server.plane.data_dir / gateway_id / "cut.bin").exists()
+    assert server.plane.store.upload(gateway_id, "cut.bin") is None
+    # The server still serves.
+    assert upload(link, "after.bin", b"ok", linkproto.body_sha256(b"ok")).status == 201
