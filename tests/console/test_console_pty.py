@@ -7,8 +7,12 @@ terminal would, and checks what it prints and what it leaves on disk or in the c
 from __future__ import annotations
 
 import re
+import shutil
 
+import psutil
 import pytest
+
+from appliance.system import restricted
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +124,7 @@ def test_bad_input_reprompts_with_a_message(appliance, console_factory) -> None:
     assert appliance.status()["registered"] is False
 
 
-def test_ctrl_c_and_ctrl_d_never_reach_a_shell(appliance, console_factory) -> None:
+def test_ctrl_c_and_ctrl_d_never_reach_a_shell(appliance, console_factory, wait_until) -> None:
     con = console_factory(appliance.socket_path)
     con.seen("login:")
     con.child.sendcontrol("c")
@@ -143,6 +147,16 @@ def test_ctrl_c_and_ctrl_d_never_reach_a_shell(appliance, console_factory) -> No
         con.child.sendcontrol(control)
         con.seen("Get activation key")
         con.seen("Enter command:")
+    con.send("6")  # Ctrl-C stops a running command, not the console
+    con.answer("Appliance#", "ip monitor link")
+    console_proc = psutil.Process(con.child.pid)
+    wait_until(lambda: [p for p in console_proc.children() if p.name() == "ip"], 10,
+               "ip monitor to start")
+    con.child.sendcontrol("c")
+    con.answer("Appliance#", "h")
+    con.seen("ncport HOST PORT")
+    con.answer("Appliance#", "exit")
+    con.seen("Enter command:")
     con.child.sendcontrol("\\")  # SIGQUIT is ignored too
     con.child.sendcontrol("z")
     con.send("echo M$((6*7))")
@@ -168,9 +182,29 @@ def test_restricted_prompt_refuses_shell_syntax(appliance, console_factory) -> N
     con.seen("test that a TCP port accepts connections")
     con.answer("Appliance#", f"ncport 127.0.0.1 {appliance.port}")
     con.seen(f"port {appliance.port} [tcp] succeeded")
+    con.answer("Appliance#", "ip -o link show lo")
+    con.seen("LOOPBACK")
+    if shutil.which("ping", path=restricted.SAFE_PATH):
+        con.answer("Appliance#", "ping -c 1 127.0.0.1")
+        con.seen("1 packets transmitted")
+    else:
+        con.answer("Appliance#", "ping -c 1 127.0.0.1")
+        con.seen("ping is not installed on this appliance")
+    con.answer("Appliance#", "passwd")
+    con.answer("Current password:", "not-it")
+    con.seen("wrong password; not changed")
+    con.answer("Appliance#", "passwd")
+    con.answer("Current password:", con.PASSWORD)
+    con.answer("New password:", "another-secret")
+    con.answer("Retype new password:", "another-secret")
+    con.seen("Password changed")
     con.answer("Appliance#", "exit")
     con.seen("Enter command:")
     assert "uid=" not in con.transcript.read_text()
+    con.send("x")
+    con.answer("login:", "admin")
+    con.answer("Password:", "another-secret")
+    con.seen("Enter command:")
 
 
 def test_network_static_config_written_after_apply(appliance, console_factory) -> None:
