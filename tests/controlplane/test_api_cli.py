@@ -194,3 +194,9 @@ def test_bad_signature_and_unknown_key(server: Server) -> None:
     env = aws_env("AKIAUNKNOWNUNKNOWN00", server.plane.secret_access_key, server.home)
     res = server.aws("list-gateways", env=env)
     assert res.rc != 0 and "UnrecognizedClientException" in res.err
+
+
+def test_unknown_operation_is_named(server: Server) -> None:
+    res = server.aws("list-hypervisors")
+    assert res.rc != 0 and "UnknownOperationException" in res.err
+    assert "ListHypervisors" in res.err and "CreateGateway" in res.err
