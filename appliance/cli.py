@@ -101,8 +101,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(Daemon(settings).run())
     except (StartupError, StateError) as exc:
-        log.error("event=startup_failed reason=%r", str(exc))
-        print(f"appliance: {exc}", file=sys.stderr)
+        print(f"appliance: {exc}", file=sys.stderr)  # one line, no traceback
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         pass

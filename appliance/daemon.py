@@ -20,6 +20,7 @@ from appliance import regions
 from appliance.activation import ActivationRequest, ActivationServer, KeyRefused, KeyResult
 from appliance.config import ListenAddress, Settings
 from appliance.link import (
+    POLL_WAIT,
     Backoff,
     LinkClient,
     LinkError,
@@ -244,6 +245,9 @@ class Daemon:
         """Long-poll while registered or activated; back off (capped, jittered) on errors."""
         assert self.link is not None
         backoff = Backoff(cap=self.settings.link_retry_max)
+        # The first poll, and the first after an error, returns at once: the link's status
+        # (reachable, last contact) is then known without waiting out a long-poll.
+        quick = True
         while True:
             st = self.state
             if st.deleted:
@@ -253,8 +257,11 @@ class Daemon:
                 self._wake_poll.clear()
                 continue
             try:
-                answer = await self.link.poll(after=st.config_version)
+                answer = await self.link.poll(
+                    after=st.config_version, wait=0 if quick else POLL_WAIT
+                )
             except LinkError as exc:
+                quick = True
                 delay = backoff.next_delay()
                 log.warning("event=link_retry delay=%.1f reason=%r", delay, str(exc))
                 await sleep_or_wake(self._wake_poll, delay)
@@ -262,6 +269,7 @@ class Daemon:
             if backoff.attempt:
                 log.info("event=link_restored")
             backoff.reset()
+            quick = False
             self._wake_poll.clear()
             self.apply_poll(answer)
 

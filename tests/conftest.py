@@ -189,10 +189,14 @@ class Appliance:
     port: int
     control_plane_url: str
     extra_args: list[str] = field(default_factory=list)
+    config_file: Path | None = None  # when set: only `--config FILE` and `extra_args`
     proc: Proc | None = None
 
     @property
     def argv(self) -> list[str]:
+        if self.config_file is not None:
+            return [PYTHON, "-m", "appliance", "serve", "--config", str(self.config_file),
+                    *self.extra_args]
         return [
             PYTHON, "-m", "appliance", "serve", "--config", os.devnull,
             "--listen", f"127.0.0.1:{self.port}", "--state-dir", str(self.state_dir),
