@@ -107,8 +107,22 @@ def _proc_routes() -> str:
     return "\n".join(lines) or "(none)"
 
 
+RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
+
+
 def resolver_servers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
-    """Name servers the system resolver uses now (from resolv.conf)."""
+    """Name servers the system resolver uses now (from resolv.conf).
+
+    With systemd-resolved, /etc/resolv.conf names only its stub 127.0.0.53; the servers it
+    really asks are in its upstream file, which is what the user wants to see.
+    """
+    servers = _nameservers(resolv_conf)
+    if servers == ["127.0.0.53"] and Path(RESOLVED_UPSTREAM).exists():
+        return _nameservers(RESOLVED_UPSTREAM) or servers
+    return servers
+
+
+def _nameservers(resolv_conf: str) -> list[str]:
     try:
         text = Path(resolv_conf).read_text()
     except OSError:

@@ -303,7 +303,9 @@ def test_resources_and_proxy_screens(appliance, console_factory) -> None:
     con.send("")
     menu = con.seen("Enter command:")
     assert f"View system resource check ({errors} Errors)" in menu
-    con.send("1")
+    con.child.send("\x1b[B\x1b[B")  # arrow keys: down twice selects "1" ...
+    con.seen("1: Configure HTTP proxy")
+    con.send("")  # ... and Return takes it
     assert "does not support" in con.seen("Press Return")
 
 
