@@ -236,6 +236,11 @@ class ActivationServer:
             return exc.status, {}, f"{exc}\n", method, path
         except TimeoutError:
             return 408, {}, "request not received in time\n", method, path
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise
+        except Exception:  # a bug or a failed state write: one line, never a traceback
+            log.exception("event=http_error method=%s path=%s", method, path)
+            return 500, {}, "internal error; see the appliance log\n", method, path
 
     async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str]:
         try:

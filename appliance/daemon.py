@@ -271,7 +271,12 @@ class Daemon:
             backoff.reset()
             quick = False
             self._wake_poll.clear()
-            self.apply_poll(answer)
+            try:
+                self.apply_poll(answer)
+            except OSError as exc:  # e.g. a full disk: keep the old state, retry the poll
+                delay = backoff.next_delay()
+                log.error("event=state_write_failed delay=%.1f reason=%r", delay, str(exc))
+                await sleep_or_wake(self._wake_poll, delay)
 
     def apply_poll(self, answer: PollAnswer) -> None:
         """Fold one poll answer into the state, written once, atomically."""
