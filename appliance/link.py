@@ -70,13 +70,14 @@ class PollAnswer:
         """Check the shape; a control plane speaking another protocol is a LinkError."""
         try:
             version, state = doc["version"], doc["state"]
-            if not isinstance(version, int) or state not in ("pending", "activated", "deleted"):
+            if type(version) is not int or state not in ("pending", "activated", "deleted"):
                 raise TypeError
-            intervals = doc.get("bandwidthRateLimitIntervals") or []
+            intervals = doc.get("bandwidthRateLimitIntervals")
+            intervals = [] if intervals is None else intervals
             if not isinstance(intervals, list) or not all(isinstance(i, dict) for i in intervals):
                 raise TypeError
             update = doc.get("softwareUpdateRequest") or 0
-            if not isinstance(update, int):
+            if not isinstance(update, int) or isinstance(update, bool):
                 raise TypeError
             texts = [doc.get(k) for k in ("gatewayArn", "gatewayName", "region")]
             if not all(t is None or isinstance(t, str) for t in texts):
