@@ -1,0 +1,53 @@
+#!/bin/bash
+# Runs inside Packer's build VM: the image is only kept when the appliance runs in it.
+set -euo pipefail
+fail() { echo "VERIFY FAILED: $*" >&2; exit 1; }
+
+python3 -c 'import appliance, aiohttp, prompt_toolkit, netifaces, cryptography, psutil, ntplib' \
+    || fail "the appliance or one of its Debian packages does not import"
+
+echo "--- systemd-analyze security appliance.service"
+report=$(systemd-analyze security --no-pager appliance.service)
+echo "$report" | grep -v '✓' || true
+exposure=$(echo "$report" | sed -n 's/.*Overall exposure level for appliance.service: \([0-9.]*\).*/\1/p')
+python3 -c "import sys; sys.exit(0 if float('$exposure') <= 2.0 else 1)" \
+    || fail "appliance.service exposure $exposure > 2.0"
+echo "exposure=$exposure"
+
+# The daemon answers on port 80 (504 is fine: no control plane is reachable from the build).
+python3 - <<'PY' || fail "nothing answers on port 80"
+import time, urllib.error, urllib.request
+deadline = time.monotonic() + 60
+while True:
+    try:
+        status = urllib.request.urlopen("http://127.0.0.1/?no_redirect", timeout=5).status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit(1)
+        time.sleep(0.5)
+        continue
+    print(f"port 80 answers: HTTP {status}")
+    break
+PY
+
+user=$(ps -o user= -p "$(systemctl show -p MainPID --value appliance.service)")
+[ "$user" = appliance ] || fail "the daemon runs as '$user', not 'appliance'"
+for unit in appliance.service appliance-guestconfig.service systemd-networkd.service \
+            systemd-resolved.service systemd-timesyncd.service getty@tty1.service \
+            serial-getty@ttyS0.service; do
+    state=$(systemctl is-active "$unit" || true)
+    echo "$unit: $state"
+    [ "$state" = active ] || fail "$unit is $state"
+done
+failed=$(systemctl list-units --failed --no-legend --plain)
+[ -z "$failed" ] || fail "failed units: $failed"
+
+# The drivers vSphere's virtual hardware needs (LSI Logic SCSI, PVSCSI, VMXNET3) and QEMU's.
+initrd=$(lsinitramfs /boot/initrd.img-"$(ls /lib/modules | head -1)")
+for mod in mptspi vmw_pvscsi virtio_blk virtio_scsi; do
+    grep -q "/$mod.ko" <<<"$initrd" || fail "$mod is not in the initramfs"
+done
+modinfo -n vmxnet3 >/dev/null || fail "no vmxnet3 driver"
+echo "verified"
