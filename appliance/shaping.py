@@ -14,8 +14,10 @@ Why this shape (see /work/shared/reference/shaping-notes.md for what was measure
   boundary on instead of after the queue made at the old rate drains.
 - With no limit, `acquire` only counts bytes: no bucket, no timer, no await that suspends.
 
-Time is injected: `clock` (Unix seconds, UTC) and `call_later` (asyncio's signature), so the
-unit tests drive the bucket and the boundary timer with a fake clock and no real sleeps.
+Time is injected: `clock` (wall time, Unix seconds, UTC: which interval is in force),
+`monotonic` (the bucket's time: a stepped wall clock must neither stall nor burst uploads) and
+`call_later` (asyncio's signature, on the monotonic clock), so the unit tests drive the bucket
+and the boundary timer with a fake clock and no real sleeps.
 """
 
 from __future__ import annotations
@@ -103,10 +105,12 @@ class ScheduledShaper:
         schedule: Schedule | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         call_later: CallLater | None = None,
         burst_seconds: float = BURST_SECONDS,
     ):
         self._clock = clock
+        self._mono = monotonic
         self._call_later = call_later
         self._burst_seconds = burst_seconds
         self._schedule = schedule or Schedule.empty()
@@ -115,15 +119,15 @@ class ScheduledShaper:
         self._burst = 0.0
         self._piece = UNLIMITED_PIECE
         self._tokens = 0.0
-        self._last = clock()
+        self._last = monotonic()
         self._waiters: deque[_Waiter] = deque()
         self._wake_handle: TimerHandle | None = None
         self._wake_at: float | None = None
         self._boundary_handle: TimerHandle | None = None
         self._started = False
         self._closed = False
-        self.meter = RateMeter(clock)
-        self._set_limit(self._schedule.rate_at(self._utc(self._last)), self._last)
+        self.meter = RateMeter(monotonic)
+        self._set_limit(self._schedule.rate_at(self._utc(clock())), self._last)
 
     # --- public --------------------------------------------------------------------------
 
@@ -169,8 +173,7 @@ class ScheduledShaper:
         if self._started:
             self._on_boundary()
         else:
-            now = self._clock()
-            self._set_limit(schedule.rate_at(self._utc(now)), now)
+            self._set_limit(schedule.rate_at(self._utc(self._clock())), self._mono())
 
     def resync(self) -> None:
         """Re-read the wall clock now (after the system time was stepped)."""
@@ -184,7 +187,7 @@ class ScheduledShaper:
             return
         if self._closed:
             raise ShaperClosed("upload shaper closed")
-        now = self._clock()
+        now = self._mono()
         self._refill(now)
         self._tokens -= nbytes
         if self._tokens >= 0 and not self._waiters:
@@ -221,7 +224,6 @@ class ScheduledShaper:
         return datetime.fromtimestamp(ts, UTC)
 
     def _refill(self, now: float) -> None:
-        # max(0, ...): a wall clock stepped backwards must not drain the bucket.
         elapsed = max(0.0, now - self._last)
         self._last = max(self._last, now)
         if self._rate is not None:
@@ -269,7 +271,7 @@ class ScheduledShaper:
     def _on_wake(self) -> None:
         self._wake_handle = None
         self._wake_at = None
-        now = self._clock()
+        now = self._mono()
         while self._waiters and self._waiters[0].wake <= now:
             w = self._waiters.popleft()
             if not w.fut.done():
@@ -290,7 +292,7 @@ class ScheduledShaper:
 
     def _give_back(self, waiter: _Waiter) -> None:
         """A cancelled upload returns its bytes; those queued behind it move up."""
-        now = self._clock()
+        now = self._mono()
         try:
             position = self._waiters.index(waiter)
         except ValueError:
@@ -328,10 +330,10 @@ class ScheduledShaper:
             self._boundary_handle = None
         if self._closed:
             return
-        now = self._clock()
-        self._set_limit(self._schedule.rate_at(self._utc(now)), now)
-        nxt = self._schedule.next_change(self._utc(now))
+        wall = self._clock()
+        self._set_limit(self._schedule.rate_at(self._utc(wall)), self._mono())
+        nxt = self._schedule.next_change(self._utc(wall))
         if nxt is None:
             return
-        delay = min(MAX_TIMER_SECONDS, max(0.0, nxt.timestamp() - now))
+        delay = min(MAX_TIMER_SECONDS, max(0.0, nxt.timestamp() - wall))
         self._boundary_handle = self._timer()(delay, self._on_boundary)

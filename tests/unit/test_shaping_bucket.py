@@ -1,0 +1,320 @@
+"""The shaper's token bucket and boundary timer, driven by a fake clock: no real sleeps.
+
+The fake clock owns the timers the shaper arms (call_later); `run_until` fires them in time
+order, letting the asyncio tasks run between two timers, so released bytes can be checked
+against the x/time/rate bounds at exact instants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
+from appliance.schedule import Schedule
+from appliance.shaping import MIN_PIECE, ScheduledShaper, ShaperClosed
+
+ALL_DAYS = [0, 1, 2, 3, 4, 5, 6]
+# Monday 2026-11-23 08:59:50 UTC: ten seconds before a 09:00 boundary.
+T0 = datetime(2026, 11, 23, 8, 59, 50, tzinfo=UTC).timestamp()
+
+
+class FakeHandle:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeTime:
+    def __init__(self, start: float) -> None:
+        self.now = start  # monotonic time; the wall clock is now + wall_offset
+        self.wall_offset = 0.0
+        self._heap: list = []
+        self._seq = itertools.count()
+
+    def clock(self) -> float:
+        return self.now + self.wall_offset
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def call_later(self, delay, callback):
+        handle = FakeHandle()
+        heapq.heappush(self._heap, (self.now + max(0.0, delay), next(self._seq), callback, handle))
+        return handle
+
+    def pending(self) -> list[float]:
+        return sorted(when for when, _, _, h in self._heap if not h.cancelled)
+
+    async def settle(self) -> None:
+        for _ in range(8):
+            await asyncio.sleep(0)
+
+    async def run_until(self, until: float) -> None:
+        while True:
+            await self.settle()
+            while self._heap and self._heap[0][3].cancelled:
+                heapq.heappop(self._heap)
+            if not self._heap or self._heap[0][0] > until:
+                break
+            when, _, callback, _ = heapq.heappop(self._heap)
+            self.now = max(self.now, when)
+            callback()
+        self.now = max(self.now, until)
+        await self.settle()
+
+
+def whole_week(rate: int | None) -> Schedule:
+    item = {
+        "StartHourOfDay": 0,
+        "StartMinuteOfHour": 0,
+        "EndHourOfDay": 23,
+        "EndMinuteOfHour": 59,
+        "DaysOfWeek": ALL_DAYS,
+    }
+    if rate is not None:
+        item["AverageUploadRateLimitInBitsPerSec"] = rate
+    return Schedule.from_api([item])
+
+
+def from_nine(before: int | None, after: int | None) -> Schedule:
+    """`before` until Monday 08:59:59, `after` from 09:00 to 09:59 (then `before` again)."""
+    items = []
+    for sh, eh, rate in ((0, 8, before), (9, 9, after), (10, 23, before)):
+        item = {
+            "StartHourOfDay": sh,
+            "StartMinuteOfHour": 0,
+            "EndHourOfDay": eh,
+            "EndMinuteOfHour": 59,
+            "DaysOfWeek": [1],
+        }
+        if rate is not None:
+            item["AverageUploadRateLimitInBitsPerSec"] = rate
+        items.append(item)
+    return Schedule.from_api(items)
+
+
+def make(schedule: Schedule, ft: FakeTime) -> ScheduledShaper:
+    shaper = ScheduledShaper(
+        schedule, clock=ft.clock, monotonic=ft.monotonic, call_later=ft.call_later
+    )
+    shaper.start()
+    return shaper
+
+
+async def pump(shaper: ScheduledShaper, log: list, tag) -> None:
+    while True:
+        n = shaper.piece_size
+        await shaper.acquire(n)
+        log.append((shaper._mono(), tag, n))
+
+
+@pytest.mark.parametrize("rate_bps", [51_200, 100_000_000, 10_000_000_000])
+async def test_released_bytes_stay_within_the_rate_bounds(rate_bps):
+    ft = FakeTime(T0 - 3600)
+    shaper = make(whole_week(rate_bps), ft)
+    start = ft.now
+    log: list = []
+    tasks = [asyncio.create_task(pump(shaper, log, i)) for i in range(4)]
+    rate = rate_bps / 8
+    burst = shaper._burst
+    piece = shaper.piece_size
+    duration = 20.0
+    for step in range(1, 401):
+        t = duration * step / 400
+        await ft.run_until(start + t)
+        released = sum(n for when, _, n in log if when <= start + t)
+        assert released <= burst + rate * t + piece
+    released = sum(n for _, _, n in log)
+    assert released >= 0.999 * rate * duration
+    # every stream got its share (FIFO: round robin)
+    per_stream = [sum(n for _, tag, n in log if tag == i) for i in range(4)]
+    assert max(per_stream) - min(per_stream) <= piece
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    shaper.close()
+
+
+def test_piece_size_follows_the_rate():
+    ft = FakeTime(T0)
+    slow = ScheduledShaper(whole_week(51_200), clock=ft.clock, monotonic=ft.monotonic)
+    fast = ScheduledShaper(whole_week(1_000_000_000), clock=ft.clock, monotonic=ft.monotonic)
+    assert slow.piece_size == MIN_PIECE == 64  # 10 ms of 6,400 bytes/s
+    assert fast.piece_size == 1_250_000 or fast.piece_size == 1 << 20
+    assert slow.piece_size < fast.piece_size
+
+
+async def test_waiters_are_served_in_arrival_order_not_smallest_first():
+    ft = FakeTime(T0 - 3600)
+    shaper = make(whole_week(800_000), ft)  # 100,000 bytes/s
+    done: list[str] = []
+
+    async def take(tag: str, n: int) -> None:
+        await shaper.acquire(n)
+        done.append(tag)
+
+    tasks = []
+    for tag, n in (("big", 50_000), ("small", 10), ("mid", 1_000), ("tiny", 1)):
+        tasks.append(asyncio.create_task(take(tag, n)))
+        await ft.settle()
+    assert done == []
+    await ft.run_until(ft.now + 0.49)
+    assert done == []  # "small" did not overtake "big"
+    await ft.run_until(ft.now + 0.03)
+    assert done == ["big", "small", "mid", "tiny"]
+    await asyncio.gather(*tasks)
+
+
+async def test_a_cancelled_upload_gives_its_tokens_back():
+    ft = FakeTime(T0 - 3600)
+    shaper = make(whole_week(800_000), ft)  # 100,000 bytes/s
+    done: list[tuple[str, float]] = []
+    start = ft.now
+
+    async def take(tag: str, n: int) -> None:
+        await shaper.acquire(n)
+        done.append((tag, ft.now - start))
+
+    big = asyncio.create_task(take("big", 100_000))  # would hold the line for 1 s
+    await ft.settle()
+    after = asyncio.create_task(take("after", 10_000))  # behind it: 1.1 s
+    await ft.settle()
+    await ft.run_until(start + 0.05)
+    big.cancel()
+    await ft.settle()
+    assert big.cancelled()
+    # "after" moves up to where it would have been without "big": 0.1 s
+    await ft.run_until(start + 0.2)
+    assert done == [("after", pytest.approx(0.1))]
+    # and the bucket holds no debt of the cancelled upload: the next piece is immediate
+    await ft.run_until(start + 5)
+    await shaper.acquire(100)
+    assert shaper._tokens >= 0
+    await after
+
+
+async def test_cancelling_the_last_waiter_restores_the_bucket():
+    ft = FakeTime(T0 - 3600)
+    shaper = make(whole_week(800_000), ft)
+    task = asyncio.create_task(shaper.acquire(30_000))
+    await ft.settle()
+    assert shaper._tokens == pytest.approx(-30_000)
+    task.cancel()
+    await ft.settle()
+    assert shaper._tokens == pytest.approx(0)
+    assert ft.pending() == []  # no wake timer left behind
+
+
+async def test_rate_changes_at_the_boundary_by_the_timer():
+    ft = FakeTime(T0)  # 08:59:50, boundary at 09:00:00
+    shaper = make(from_nine(51_200, 1_000_000), ft)
+    boundary = T0 + 10
+    assert shaper.limit_bps == 51_200
+    assert boundary in ft.pending()  # armed for the boundary, not a ticker
+    assert shaper.status()["nextChange"] == "2026-11-23T09:00:00Z"
+    # a reservation made at the old rate: 64,000 bytes = 10 s at 6,400 bytes/s
+    await ft.run_until(boundary - 1)
+    pending = asyncio.create_task(shaper.acquire(64_000))
+    await ft.settle()
+    await ft.run_until(boundary - 1e-6)
+    assert shaper.limit_bps == 51_200
+    await ft.run_until(boundary)
+    assert shaper.limit_bps == 1_000_000
+    status = shaper.status()
+    assert status["limitBitsPerSec"] == 1_000_000
+    assert status["inForce"]["AverageUploadRateLimitInBitsPerSec"] == 1_000_000
+    assert status["inForce"]["StartHourOfDay"] == 9
+    assert status["nextChange"] == "2026-11-23T10:00:00Z"
+    # re-timed at the new rate: the debt left at the boundary (64,000 less the 128-byte
+    # burst gathered before, less 1 s at 6,400 B/s) = 57,472 B at 125,000 B/s = 0.459776 s
+    await ft.run_until(boundary + 0.4597)
+    assert not pending.done()
+    await ft.run_until(boundary + 0.4598)
+    assert pending.done()
+    assert shaper.piece_size == 1250
+    # the next boundary (10:00) goes back to the old rate
+    await ft.run_until(boundary + 3600)
+    assert shaper.limit_bps == 51_200
+    shaper.close()
+
+
+async def test_switch_to_no_limit_releases_waiters_and_back_starts_empty():
+    ft = FakeTime(T0)
+    shaper = make(from_nine(51_200, None), ft)
+    boundary = T0 + 10
+    waiting = asyncio.create_task(shaper.acquire(640_000))  # 100 s at the old rate
+    await ft.settle()
+    await ft.run_until(boundary)
+    assert shaper.limit_bps is None
+    assert waiting.done()
+    # fast path: acquire completes without suspending
+    coro = shaper.acquire(10**9)
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    await ft.run_until(boundary + 3600)
+    assert shaper.limit_bps == 51_200
+    assert shaper._tokens == 0  # starts empty, no burst from the unlimited hour
+    shaper.close()
+
+
+async def test_set_schedule_applies_now_and_rearms_the_timer():
+    ft = FakeTime(T0)
+    shaper = make(whole_week(None), ft)
+    assert shaper.limit_bps is None and ft.pending() == []
+    shaper.set_schedule(from_nine(2_000_000, 4_000_000))
+    assert shaper.limit_bps == 2_000_000
+    assert ft.pending() == [T0 + 10]
+    shaper.set_schedule(whole_week(None))
+    assert shaper.limit_bps is None
+    assert ft.pending() == []
+
+
+async def test_close_fails_waiters():
+    ft = FakeTime(T0)
+    shaper = make(whole_week(51_200), ft)
+    task = asyncio.create_task(shaper.acquire(10_000))
+    await ft.settle()
+    shaper.close()
+    with pytest.raises(ShaperClosed):
+        await task
+
+
+async def test_achieved_rate_is_measured_over_the_last_seconds():
+    ft = FakeTime(T0 - 3600)
+    shaper = make(whole_week(8_000_000), ft)  # 1,000,000 bytes/s
+    log: list = []
+    task = asyncio.create_task(pump(shaper, log, 0))
+    await ft.run_until(ft.now + 10)
+    achieved = shaper.status()["achievedBitsPerSec"]
+    assert 7_800_000 <= achieved <= 8_200_000
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ft.run_until(ft.now + 10)
+    assert shaper.status()["achievedBitsPerSec"] == 0
+
+
+async def test_wall_clock_steps_neither_stall_nor_burst_the_bucket():
+    ft = FakeTime(T0 - 3600)
+    shaper = make(from_nine(800_000, 8_000_000), ft)  # 100,000 B/s until 09:00
+    log: list = []
+    task = asyncio.create_task(pump(shaper, log, 0))
+    await ft.run_until(ft.now + 1)
+    ft.wall_offset = -1800  # the system clock is stepped back half an hour
+    start = ft.now
+    await ft.run_until(start + 2)
+    sent = sum(n for when, _, n in log if when > start)
+    assert 0.99 * 200_000 <= sent <= 200_000 + shaper._burst + shaper.piece_size
+    # stepped forward past 09:00: after resync() the 09:00 rate is in force
+    ft.wall_offset = 3600 + 10
+    shaper.resync()
+    assert shaper.limit_bps == 8_000_000
+    assert shaper.status()["nextChange"] == "2026-11-23T10:00:00Z"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    shaper.close()
