@@ -27,11 +27,14 @@ done
 "$py" -m controlplane serve --listen "127.0.0.1:$cp_port" --state-dir "$cp_state" \
     >"$work/controlplane.log" 2>&1 &
 cp_pid=$!
-stop_cp() {
+qemu_pid=
+stop_all() {
+    [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null
     kill "$cp_pid" 2>/dev/null && wait "$cp_pid" 2>/dev/null
     echo "run-vm: control plane stopped (log: $work/controlplane.log)"
 }
-trap stop_cp EXIT
+trap stop_all EXIT
+trap 'exit 130' INT TERM HUP
 "$py" - "$cp_port" "$cp_pid" <<'PY' || { cat "$work/controlplane.log" >&2; exit 1; }
 import os, socket, sys, time
 port, pid = int(sys.argv[1]), int(sys.argv[2])
@@ -69,8 +72,11 @@ cat <<MSG
 
     Leave: power off from the console, or Ctrl-A x.
 MSG
-set +e
-"${qemu[@]}"
-rc=$?
-set -e
+# In the background (stdin kept: it is the serial console) so a signal to this script still
+# reaches the trap, which stops QEMU and the control plane.
+"${qemu[@]}" <&0 &
+qemu_pid=$!
+rc=0
+wait "$qemu_pid" || rc=$?
+qemu_pid=
 echo "run-vm: QEMU exited ($rc)"

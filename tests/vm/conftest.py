@@ -1,0 +1,77 @@
+"""Fixtures for the VM tests: the OVA (built once per run), the control plane, booted guests.
+
+`make test` builds the OVA and passes it as APPLIANCE_OVA; without it the session builds one
+into build/test-image/ (about 3-5 minutes). Guests boot under TCG unless APPLIANCE_ACCEL
+says otherwise (tools/image/accel.sh probes KVM once per machine).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vmharness import REPO, ControlPlane, Guest  # type: ignore[import-not-found]
+
+from tools.image.vm import extract_disk
+
+
+def _version() -> str:
+    ns: dict[str, str] = {}
+    exec((REPO / "appliance" / "version.py").read_text(), ns)
+    return ns["__version__"]
+
+
+@pytest.fixture(scope="session")
+def appliance_ova() -> Path:
+    given = os.environ.get("APPLIANCE_OVA")
+    if given:
+        path = Path(given)
+        if not path.is_absolute():
+            path = REPO / path
+        assert path.is_file(), f"APPLIANCE_OVA={given} does not exist"
+        return path
+    out = REPO / "build" / "test-image" / f"backup-gateway-{_version()}.ova"
+    subprocess.run([str(REPO / "tools/image/build-ova.sh"), _version(), str(out)],
+                   cwd=REPO, check=True, timeout=1500)
+    return out
+
+
+@pytest.fixture(scope="session")
+def accel() -> str:
+    return subprocess.run([str(REPO / "tools/image/accel.sh")], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def vm_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vm")
+
+
+@pytest.fixture(scope="session")
+def appliance_disk(appliance_ova: Path, vm_workdir: Path) -> Path:
+    return extract_disk(appliance_ova, vm_workdir / "disk")
+
+
+@pytest.fixture(scope="session")
+def vm_control_plane(vm_workdir: Path) -> Iterator[ControlPlane]:
+    state = vm_workdir / "controlplane"
+    state.mkdir()
+    cp = ControlPlane(state)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def bios_guest(appliance_disk: Path, vm_workdir: Path, vm_control_plane: ControlPlane,
+               accel: str) -> Iterator[Guest]:
+    """The BIOS-booted guest, shared by the checks of one module (a boot costs ~25 s)."""
+    guest = Guest("bios", appliance_disk, vm_workdir, vm_control_plane.port, "bios", accel)
+    try:
+        yield guest
+    finally:
+        guest.stop()

@@ -1,0 +1,285 @@
+"""Booting the appliance image for tests: QEMU processes, the guest agent, the control plane.
+
+Inside the guest the tests use only what a real appliance keeps: the activation port, the
+serial console, and qemu-guest-agent over a virtio-serial socket (guest-exec). No password,
+no SSH: the image has neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools.image.vm import VmConfig, make_overlay  # noqa: E402
+
+KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
+BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Call `predicate` until it returns something truthy; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class GuestAgentError(Exception):
+    pass
+
+
+class GuestAgent:
+    """A qemu-guest-agent client on QEMU's chardev socket (one JSON command at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.buf = b""
+
+    def sync(self, timeout: float) -> None:
+        """Wait until the agent answers (after boot or reboot); stale output is discarded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.sock.connect(str(self.path))
+                token = random.randrange(1, 2**31)
+                self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+                while True:
+                    reply = self._read_message(min(5.0, max(0.1, deadline - time.monotonic())),
+                                               delimited=True)
+                    if reply.get("return") == token:
+                        return
+            except (OSError, TimeoutError, GuestAgentError):
+                self.close()
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"the guest agent did not answer within {timeout:.0f}s"
+                    ) from None
+                time.sleep(0.5)
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None,
+             timeout: float = 30.0) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self._send(msg)
+        reply = self._read_message(timeout)
+        if "error" in reply:
+            raise GuestAgentError(f"{command}: {reply['error']}")
+        return reply.get("return")
+
+    def exec(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
+        """Run a command in the guest (as root, by the agent); exit code, stdout, stderr."""
+        pid = self.call("guest-exec", {"path": argv[0], "arg": argv[1:],
+                                       "capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.call("guest-exec-status", {"pid": pid})
+            if st.get("exited"):
+                out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+                err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+                return int(st.get("exitcode", -1)), out, err
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{argv} did not finish in the guest within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def sh(self, script: str, timeout: float = 60.0) -> str:
+        """Run a shell snippet; its stdout, or AssertionError with its stderr."""
+        rc, out, err = self.exec(["/bin/sh", "-c", script], timeout)
+        if rc != 0:
+            raise AssertionError(f"guest: {script!r} exited {rc}: {err.strip() or out.strip()}")
+        return out
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        assert self.sock is not None
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _read_message(self, timeout: float, delimited: bool = False) -> dict[str, Any]:
+        assert self.sock is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if delimited and b"\xff" in self.buf:
+                self.buf = self.buf[self.buf.rindex(b"\xff") + 1 :]
+                delimited = False
+            if not delimited and b"\n" in self.buf:
+                line, _, self.buf = self.buf.partition(b"\n")
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a fragment from before a reboot
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer from the guest agent")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise GuestAgentError("the guest agent socket closed")
+            self.buf += chunk
+
+
+class Guest:
+    """One QEMU VM booted from the OVA's disk through its own fresh overlay."""
+
+    def __init__(self, name: str, disk: Path, workdir: Path, control_plane_port: int,
+                 firmware: str = "bios", accel: str = "tcg") -> None:
+        self.name = name
+        workdir.mkdir(parents=True, exist_ok=True)
+        overlay = make_overlay(disk, workdir / f"{name}.qcow2")
+        self.http_port = free_port()
+        self.serial_socket = workdir / f"{name}-serial.sock"
+        self.serial_log = workdir / f"{name}-serial.log"
+        self.qga = GuestAgent(workdir / f"{name}-qga.sock")
+        self.cfg = VmConfig(overlay, self.http_port, control_plane_port, accel=accel,
+                            firmware=firmware, serial=str(self.serial_socket),
+                            serial_log=self.serial_log, qga_socket=self.qga.path)
+        self.qemu_log = (workdir / f"{name}-qemu.log").open("wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cfg.argv(), stdin=subprocess.DEVNULL,
+                                     stdout=self.qemu_log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.serial_log.read_bytes()[-2000:].decode(errors="replace")
+            raise AssertionError(
+                f"QEMU ({self.name}) exited {self.proc.returncode}; serial:\n{tail}"
+            )
+
+    def get(self, target: str, timeout: float = 10.0) -> tuple[int, str] | None:
+        """GET on the forwarded port 80, redirects NOT followed; None while nothing answers."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def wait_for_key(self, timeout: float = BOOT_TIMEOUT) -> tuple[float, str]:
+        """Seconds since power-on until the activation endpoint hands out a key, and the key."""
+        def key() -> str | None:
+            self._alive()
+            got = self.get("/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect")
+            if got and got[0] == 200 and KEY_RE.match(got[1].splitlines()[0].strip()):
+                return got[1].splitlines()[0].strip()
+            return None
+        found = poll(key, timeout, f"an activation key from {self.name}")
+        return time.monotonic() - self.started, found
+
+    def wait_http(self, timeout: float = BOOT_TIMEOUT) -> int:
+        def answered() -> int | None:
+            self._alive()
+            got = self.get("/")
+            return got[0] if got else None
+        return poll(answered, timeout, f"port 80 of {self.name} to answer")
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's own report (`python3 -m appliance status --json`, run in the guest)."""
+        return json.loads(self.qga.sh("python3 -m appliance status --json"))
+
+    def stop(self) -> None:
+        self.qga.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.qemu_log.close()
+        for path in (self.serial_socket, self.qga.path):
+            path.unlink(missing_ok=True)
+
+
+class ControlPlane:
+    """The reference control plane on a free loopback port, with its own state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.log = (state_dir.parent / "controlplane.log").open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane", "serve", "--listen",
+             f"127.0.0.1:{self.port}", "--state-dir", str(state_dir)],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        poll(self._listening, 30, "the control plane to listen", interval=0.1)
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the control plane exited {self.proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def aws(self, *args: str, region: str = "us-west-2") -> Any:
+        """The real AWS CLI against this control plane, with only its credentials."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") and not k.lower().endswith("_proxy")}
+        env.update(AWS_SHARED_CREDENTIALS_FILE=str(self.state_dir / "credentials"),
+                   AWS_CONFIG_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true", AWS_PAGER="")
+        argv = [str(Path(sys.executable).parent / "aws"), "backup-gateway", *args,
+                "--endpoint-url", self.url, "--region", region, "--output", "json"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise AssertionError(f"aws {' '.join(args)} failed: {done.stderr.strip()}")
+        return json.loads(done.stdout) if done.stdout.strip() else {}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
