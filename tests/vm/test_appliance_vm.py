@@ -12,8 +12,8 @@ import re
 import socket
 import subprocess
 
-import pexpect
 import pytest
+from pexpect.fdpexpect import fdspawn
 from vmharness import KEY_RE, ControlPlane, Guest, poll  # type: ignore[import-not-found]
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -32,7 +32,7 @@ def test_console_answers_on_ttyS0(bios_guest: Guest) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(bios_guest.serial_socket))
     try:
-        con = pexpect.fdspawn(sock.fileno(), timeout=90, encoding="utf-8",
+        con = fdspawn(sock.fileno(), timeout=90, encoding="utf-8",
                               codec_errors="replace")
         con.send("\r")
         con.expect("login:")
