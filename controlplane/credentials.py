@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import logging
 import os
 import secrets
 import stat
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.atomicfile import fsync_dir, write_atomic
+
+log = logging.getLogger("controlplane.credentials")
 
 FILE_NAME = "credentials"
 _KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -82,7 +85,7 @@ def ensure(path: Path) -> tuple[dict[str, str], bool]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         key, secret = generate()
-        tmp = path.parent / f".{path.name}.{os.getpid()}.new"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.new"
         write_atomic(tmp, _render(key, secret), mode=0o600)
         try:
             os.link(tmp, path)
@@ -112,7 +115,9 @@ class CredentialFile:
             if stamp != self._stamp:
                 self._keys = parse(self.path)
                 self._stamp = stamp
-        except (OSError, CredentialsError):
+        except (OSError, CredentialsError) as exc:
             # Keep serving the last good keys rather than locking everyone out on a bad edit.
-            pass
+            if self._stamp != (-1, -1):
+                log.warning("event=credentials_unreadable keeping=last_good error=%r", str(exc))
+                self._stamp = (-1, -1)
         return self._keys.get(access_key)

@@ -135,7 +135,8 @@ class GatewayLink:
         self.data_dir = data_dir
         self.wall_clock = wall_clock
         self.incoming = data_dir / ".incoming"
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.incoming.mkdir(mode=0o700, exist_ok=True)
 
     def routes(self) -> list[web.RouteDef]:
         return [
