@@ -20,6 +20,7 @@ from controlplane import sigv4
 from controlplane.apimodel import OPERATIONS, SIGNING_NAME, TARGET_PREFIX
 from controlplane.errors import ApiError
 from controlplane.operations import BackupGatewayApi
+from controlplane.throttle import Throttle
 from controlplane.validation import validate_input
 
 log = logging.getLogger("controlplane.api")
@@ -52,10 +53,12 @@ class JsonApi:
         api: BackupGatewayApi,
         lookup_secret: Callable[[str], str | None],
         wall_clock: Callable[[], float] = time.time,
+        throttle: Throttle | None = None,
     ) -> None:
         self.api = api
         self.lookup_secret = lookup_secret
         self.wall_clock = wall_clock
+        self.throttle = throttle or Throttle()
 
     async def handle(self, request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
@@ -95,6 +98,12 @@ class JsonApi:
             SIGNING_NAME,
             self.wall_clock(),
         )
+        if not self.throttle.allow(caller.access_key_id):
+            raise ApiError(
+                "ThrottlingException",
+                f"Rate exceeded: more than {self.throttle.rate:g} requests/s sustained for "
+                f"access key {caller.access_key_id}; retry later",
+            )
         prefix, _, op = target.partition(".")
         if prefix != TARGET_PREFIX or op not in self.api.operations:
             raise ApiError(

@@ -20,6 +20,7 @@ from controlplane.gatewaylink import GatewayLink, PollHub
 from controlplane.operations import BackupGatewayApi
 from controlplane.protocol import JsonApi
 from controlplane.store import DB_FILE, Store
+from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
 
 log = logging.getLogger("controlplane")
@@ -41,6 +42,7 @@ class ControlPlane:
         data_dir: Path | None = None,
         clock: Clock | None = None,
         wall_clock: Callable[[], float] = time.time,
+        throttle: Throttle | None = None,
     ) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ class ControlPlane:
         self.api = BackupGatewayApi(self.store, self.clock, self.hub.notify)
         self.link = GatewayLink(self.store, self.clock, self.hub, self.data_dir, wall_clock)
         creds = credentials.CredentialFile(self.credentials_file)
-        self.json_api = JsonApi(self.api, creds.secret, wall_clock)
+        self.json_api = JsonApi(self.api, creds.secret, wall_clock, throttle)
         self._runner: web.AppRunner | None = None
         compile_pattern(r"([\p{L}\p{Z}\p{N}_.:/=+\-@]*)")  # build the Unicode tables now
 
