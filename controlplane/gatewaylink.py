@@ -137,6 +137,8 @@ class GatewayLink:
         self.incoming = data_dir / ".incoming"
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.incoming.mkdir(mode=0o700, exist_ok=True)
+        for stale in self.incoming.glob("*.part"):  # uploads cut off by a kill or a crash
+            stale.unlink(missing_ok=True)
 
     def routes(self) -> list[web.RouteDef]:
         return [
