@@ -28,13 +28,13 @@ def test_bios_boot_reaches_the_activation_endpoint(bios_guest: Guest) -> None:
 
 
 def test_console_answers_on_ttyS0(bios_guest: Guest) -> None:
-    bios_guest.wait_http()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(bios_guest.serial_socket))
     try:
         con = fdspawn(sock.fileno(), timeout=90, encoding="utf-8",
                               codec_errors="replace")
-        con.send("\r")
+        # The login prompt was drawn before we connected: Ctrl-L redraws it, submitting nothing.
+        con.send("\x0c")
         con.expect("login:")
         con.send("admin\r")
         con.expect("Password:")
@@ -42,10 +42,11 @@ def test_console_answers_on_ttyS0(bios_guest: Guest) -> None:
         # First login with the documented default forces a change.
         con.expect("New password:")
         con.send("vm-test-Passw0rd\r")
-        con.expect("[Pp]assword")
+        con.expect("Retype new password:")
         con.send("vm-test-Passw0rd\r")
+        con.expect("Password changed")
         con.expect("Get activation key")
-        con.expect("View system resource check")
+        con.expect("eth0: 10.0.2.15")  # the header lists the adapter and its DHCP address
     finally:
         sock.close()
 
