@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance import linkproto
+from appliance.atomicfile import fsync_dir
 from controlplane.clock import Clock
 from controlplane.sigv4 import REGION_RE
 from controlplane.store import Identity, Store, StoreError
@@ -379,6 +380,8 @@ class GatewayLink:
         try:
             try:
                 size = await self._receive(request, fd, digest)
+                # A 201 promises the bytes are kept: make them durable before the rename.
+                await asyncio.get_running_loop().run_in_executor(_WRITERS, os.fsync, fd)
             finally:
                 os.close(fd)
             sha = digest.hexdigest()
@@ -391,6 +394,7 @@ class GatewayLink:
             target_dir = self.data_dir / gateway_id
             target_dir.mkdir(exist_ok=True)
             os.replace(tmp, target_dir / name)
+            fsync_dir(target_dir)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
