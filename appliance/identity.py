@@ -48,7 +48,7 @@ class Identity:
 
 
 def load_or_create(state_dir: Path) -> tuple[Identity, bool]:
-    """Return the identity kept in `state_dir`, creating it the first time; and whether it is new."""
+    """The identity kept in `state_dir`, created the first time; and whether it is new."""
     path = state_dir / KEY_FILE
     try:
         pem = path.read_bytes()
