@@ -45,8 +45,8 @@ def test_console_answers_on_ttyS0(bios_guest: Guest) -> None:
         con.expect("Retype new password:")
         con.send("vm-test-Passw0rd\r")
         con.expect("Password changed")
-        con.expect("Get activation key")
         con.expect("eth0: 10.0.2.15")  # the header lists the adapter and its DHCP address
+        con.expect("Get activation key")
     finally:
         sock.close()
 
@@ -60,7 +60,7 @@ def test_no_failed_unit_and_daemon_not_root(bios_guest: Guest) -> None:
     pid = bios_guest.qga.sh("systemctl show -p MainPID --value appliance.service").strip()
     uid_line = bios_guest.qga.sh(f"grep '^Uid:' /proc/{pid}/status")
     uids = uid_line.split()[1:]
-    user = bios_guest.qga.sh(f"ps -o user= -p {pid}").strip()
+    user = bios_guest.qga.sh(f"stat -c %U /proc/{pid}").strip()
     assert user == "appliance" and "0" not in uids, (user, uid_line)
     caps = bios_guest.qga.sh(f"grep '^CapEff:' /proc/{pid}/status").split()[1]
     assert int(caps, 16) == 1 << 10, f"effective capabilities {caps}: only CAP_NET_BIND_SERVICE"

@@ -32,7 +32,7 @@ while True:
     break
 PY
 
-user=$(ps -o user= -p "$(systemctl show -p MainPID --value appliance.service)")
+user=$(stat -c %U "/proc/$(systemctl show -p MainPID --value appliance.service)")
 [ "$user" = appliance ] || fail "the daemon runs as '$user', not 'appliance'"
 for unit in appliance.service appliance-guestconfig.service systemd-networkd.service \
             systemd-resolved.service systemd-timesyncd.service getty@tty1.service \
