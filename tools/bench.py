@@ -39,7 +39,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance import linkproto
 from appliance.identity import Identity
 from appliance.schedule import Schedule, format_rate
-from appliance.shaping import UNLIMITED_PIECE, ScheduledShaper
+from appliance.shaping import (
+    BURST_SECONDS,
+    MAX_PIECE,
+    MIN_PIECE,
+    PIECE_SECONDS,
+    UNLIMITED_PIECE,
+    ScheduledShaper,
+)
 from appliance.upload import upload
 
 BIN = 0.01  # 10 ms
@@ -273,13 +280,17 @@ class Bench:
         schedule = Schedule.from_api(
             [minute_item(boundary - timedelta(minutes=1), before), minute_item(boundary, after)]
         )
+        boundary_mono = time.monotonic() + (boundary.timestamp() - (time.time() + offset))
+        # Move the shaper's clock a few ms so the boundary falls on the edge of a 10 ms bin:
+        # then the bins after it hold no bytes from before it.
+        shift = boundary_mono - _bin(boundary_mono) / BINS_PER_SEC
+        boundary_mono -= shift
 
-        def clock(offset: float = offset) -> float:
+        def clock(offset: float = offset + shift) -> float:
             return time.time() + offset
 
         shaper = MeasuredShaper(schedule, clock=clock)
         shaper.start()
-        boundary_mono = time.monotonic() + (boundary.timestamp() - clock())
         prefix, start, _cpu, _ = await self.streams(n, lead + tail, shaper)
         shaper.close()
         per_stream, _ = await self.sink_stats(prefix)
@@ -297,7 +308,8 @@ class Bench:
         # How long the old rate effectively went on: the bytes of the first second after the
         # boundary, against the new limit, in seconds of the difference between the rates.
         equiv_lag = (one - b) / (a - b) * 1000
-        pre = aligned_windows(total, start + 0.2, int(boundary_mono - start - 0.2))
+        whole = int(boundary_mono - start - 0.2)
+        pre = aligned_windows(total, boundary_mono - whole, whole)
         post = aligned_windows(total, boundary_mono, int(start + lead + tail - boundary_mono))
         print(
             f"{format_rate(before):>13} -> {format_rate(after):<13} {n:3d}  "
@@ -312,8 +324,9 @@ class Bench:
         plain_bytes = shaped_bytes = 0.0
         plain_time = shaped_time = 0.0
         cpu_plain = cpu_shaped = 0.0
-        for _ in range(rounds):
-            for label in ("plain", "shaped"):
+        for r in range(rounds):
+            # A-B-B-A order, so a drift of the host's speed weighs on both sides alike.
+            for label in ("plain", "shaped") if r % 2 == 0 else ("shaped", "plain"):
                 prefix, _start, cpu, wall = await self.streams(
                     n, seconds, shaper if label == "shaped" else None
                 )
@@ -353,8 +366,15 @@ async def bench(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         ) as b.session:
-            print(f"upload shaper benchmark: sink pid {proc.pid} on 127.0.0.1:{port}, "
-                  f"{psutil.cpu_count()} CPUs, 10 ms bins")
+            print(
+                f"upload shaper benchmark: sink pid {proc.pid} on 127.0.0.1:{port}, "
+                f"{psutil.cpu_count()} CPUs, 10 ms bins"
+            )
+            print(
+                f"bucket: burst {BURST_SECONDS * 1000:.0f} ms of the rate, starts empty; "
+                f"pieces {PIECE_SECONDS * 1000:.0f} ms of the rate "
+                f"({MIN_PIECE} B..{MAX_PIECE // 1024} KiB)"
+            )
             print(
                 f"{'limit':>13} {'n':>3}  {'aligned 1 s %':>14}   {'sliding sink %':>14}"
                 f"   {'sliding send %':>14}  {'Jain':>6}  {'CPU s/GB':>8} {'sink':>8}"
@@ -370,7 +390,7 @@ async def bench(args: argparse.Namespace) -> None:
             await b.switch(51_200, 100_000_000, 16, 3.0, 3.0)
             print("no limit, against the same upload path without a shaper (alternating):")
             for n in (1, 4, 16):
-                await b.unlimited(n, args.unlimited, 2)
+                await b.unlimited(n, args.unlimited, 4)
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
