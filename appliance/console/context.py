@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.console.api import ApiError, ApiUnavailable, LocalApi
 from appliance.console.auth import PasswordStore
-from appliance.console.ui import Terminal
+from appliance.console.ui import Back, Terminal
 from appliance.system.networkd import NetworkdStore
 from appliance.system.timesync import TimeSync
 
@@ -26,3 +27,23 @@ class Context:
             return self.api.status(), None
         except (ApiUnavailable, ApiError) as exc:
             return None, str(exc)
+
+    def submenu(
+        self,
+        title: str,
+        options: list[tuple[str, str]],
+        actions: dict[str, Callable[[Context], None]],
+    ) -> None:
+        """Run a menu until Ctrl-C/Ctrl-D; a screen's Back returns here, the menu's own leaves."""
+        while True:
+            self.term.clear()
+            try:
+                choice = self.term.choose(
+                    options, title=title, footer=["", "Press Ctrl-C to go back"]
+                )
+            except Back:
+                return
+            try:
+                actions[choice](self)
+            except Back:
+                continue

@@ -34,17 +34,7 @@ MENU = [
 def run(ctx: Context) -> None:
     actions = {"1": describe, "2": dhcp, "3": static, "4": hostname, "5": reset,
                "6": view_dns, "7": view_routes}
-    while True:
-        ctx.term.clear()
-        try:
-            choice = ctx.term.choose(MENU, title="Network configuration",
-                                     footer=["", "Press Ctrl-C to go back"])
-        except Back:
-            return
-        try:
-            actions[choice](ctx)
-        except Back:
-            continue
+    ctx.submenu("Network configuration", MENU, actions)
 
 
 def _pick_adapter(ctx: Context) -> str:

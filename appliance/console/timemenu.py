@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from appliance.console.context import Context
-from appliance.console.ui import Back
 from appliance.system.timesync import DRIFT_WARNING_SECONDS, TimeConfigError, parse_server
 
 MENU = [
@@ -20,17 +19,7 @@ MENU = [
 
 def run(ctx: Context) -> None:
     actions = {"1": view_time, "2": edit_servers, "3": view_servers}
-    while True:
-        ctx.term.clear()
-        try:
-            choice = ctx.term.choose(MENU, title="System time management",
-                                     footer=["", "Press Ctrl-C to go back"])
-        except Back:
-            return
-        try:
-            actions[choice](ctx)
-        except Back:
-            continue
+    ctx.submenu("System time management", MENU, actions)
 
 
 def view_time(ctx: Context) -> None:
