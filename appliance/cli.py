@@ -1,4 +1,4 @@
-"""The `appliance` command: `serve` (the daemon), `status`, `console`.
+"""The `appliance` command: `serve` (the daemon), `status`, `upload`, `console`.
 
 Operator-facing failures end in one line on stderr and a documented exit status
 (2: bad settings, 1: the daemon cannot run with what is on disk), never a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import http.client
 import json
 import logging
@@ -15,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from appliance import config
 from appliance.config import ConfigError
@@ -59,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    upload = sub.add_parser(
+        "upload", help="send a file to the control plane through the daemon's shaper",
+        description="Stream FILE to the daemon's local API (PUT /v1/uploads/NAME); the daemon "
+                    "forwards it, shaped by the bandwidth schedule, to the control plane.",
+    )
+    upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument("--name", default=None,
+                        help="name to store it under (default: FILE's base name; "
+                             "1-200 characters of A-Z a-z 0-9 . _ -)")
+    upload.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
+
     sub.add_parser("console", help="the local console (options: --socket, --password-file)",
                    add_help=False)
     return parser
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "upload":
+        return upload_file(args.file, args.name or args.file.name, args.socket)
     return status(args.socket, args.json)
 
 
@@ -174,4 +189,79 @@ def status(path: str, raw: bool) -> int:
         print(f"appliance: cannot read status from {path}: {reason}", file=sys.stderr)
         return EXIT_RUNTIME
     print(json.dumps(doc, indent=2) if raw else format_status(doc))
+    return 0
+
+
+UPLOAD_PIECE = 256 * 1024
+
+
+class _Sent:
+    """Counts and hashes what the CLI sends, to check the answer end to end."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+
+async def _file_pieces(f: Any, sent: _Sent) -> Any:
+    while chunk := f.read(UPLOAD_PIECE):
+        sent.hash.update(chunk)
+        sent.size += len(chunk)
+        yield chunk
+
+
+async def _put_file(f: Any, name: str, sock: str, sent: _Sent) -> tuple[int, Any]:
+    import aiohttp
+
+    # Expect: 100-continue: a refusal (bad name, not activated) arrives before any byte of
+    # the body is sent. No total timeout: a shaped upload may take hours.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=sock), timeout=timeout
+    ) as session, session.put(
+        f"http://localhost/v1/uploads/{quote(name, safe='')}",
+        data=_file_pieces(f, sent), expect100=True,
+        headers={"Content-Type": "application/octet-stream"},
+    ) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, {"error": f"HTTP{resp.status}", "message": text[:200]}
+
+
+def upload_file(path: Path, name: str, sock: str) -> int:
+    """Stream one file to the local API's PUT /v1/uploads/{name}; one line of result."""
+    import aiohttp
+
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        print(f"appliance: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    sent = _Sent()
+    try:
+        with f:
+            code, doc = asyncio.run(_put_file(f, name, sock, sent))
+    except (aiohttp.ClientError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        print(f"appliance: upload of {name} failed: cannot talk to the daemon at {sock}: "
+              f"{reason}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not isinstance(doc, dict):
+        doc = {}
+    if code != 201:
+        print(f"appliance: upload of {name} refused: {code} {doc.get('error')}: "
+              f"{doc.get('message')}", file=sys.stderr)
+        return EXIT_RUNTIME
+    digest = sent.hash.hexdigest()
+    if doc.get("sha256") != digest or doc.get("size") != sent.size:
+        print(f"appliance: upload of {name}: the control plane stored {doc.get('size')} bytes "
+              f"sha256 {doc.get('sha256')}, sent {sent.size} bytes sha256 {digest}",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    seconds = float(doc.get("seconds") or 0.0)
+    rate = f", {sent.size * 8 / seconds / 1e6:.1f} Mbit/s" if seconds > 0 else ""
+    print(f"uploaded {doc['name']}: {doc['size']} bytes sha256 {doc['sha256']} "
+          f"in {seconds:.1f} s{rate}")
     return 0

@@ -13,7 +13,10 @@ import errno
 import logging
 import signal
 import socket
+from collections.abc import AsyncIterable
 from typing import Any
+
+import aiohttp
 
 from appliance import identity as identity_mod
 from appliance import regions
@@ -31,8 +34,10 @@ from appliance.link import (
     sleep_or_wake,
 )
 from appliance.schedule import Schedule, ScheduleError
-from appliance.shaping import ScheduledShaper
+from appliance.shaping import ScheduledShaper, ShaperClosed
 from appliance.state import State, StateStore
+from appliance.upload import UploadError, UploadResult, check_name
+from appliance.upload import upload as send_upload
 from appliance.version import __version__
 
 log = logging.getLogger("appliance.daemon")
@@ -40,6 +45,20 @@ log = logging.getLogger("appliance.daemon")
 
 class StartupError(Exception):
     """The daemon cannot start; one line for the operator, exit status 1."""
+
+
+class UploadRefused(Exception):
+    """An upload the daemon will not (or could not) forward: the local API's error answer."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+
+
+# Connecting is bounded; sending is not: at 51,200 bit/s a large backup takes hours.
+UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
 class Daemon:
@@ -54,6 +73,8 @@ class Daemon:
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._local_api_runner: Any = None
+        self._upload_session: aiohttp.ClientSession | None = None
+        self._uploads: set[asyncio.Task[Any]] = set()
 
     @property
     def state(self) -> State:
@@ -120,7 +141,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("event=stopping")
-        for task in self._tasks:
+        # Uploads in flight are cut (the control plane keeps nothing of a cut upload), so a
+        # slow shaped upload never holds up the stop.
+        for task in (*self._tasks, *self._uploads):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for server in self._servers:
@@ -130,6 +153,8 @@ class Daemon:
         self.shaper.close()
         if self.link is not None:
             await self.link.close()
+        if self._upload_session is not None:
+            await self._upload_session.close()
 
     @staticmethod
     def _bind(address: ListenAddress) -> socket.socket | None:
@@ -238,6 +263,75 @@ class Daemon:
         )
         self._apply_schedule([])
         log.info("event=gateway_deleted gateway_arn=%s", arn)
+
+    # --- uploads (the local API's PUT /v1/uploads/{name}) ----------------------------------
+
+    def upload_refusal(self, name: str) -> UploadRefused | None:
+        """Why an upload would be refused before any byte of it is read; None if it may go."""
+        try:
+            check_name(name)
+        except UploadError as exc:
+            return UploadRefused(400, "ValidationError", str(exc).split(": ", 1)[1], "name")
+        st = self.state
+        if st.deleted:
+            return UploadRefused(
+                409, "NotActivated",
+                f"gateway {st.deleted_gateway_arn} was deleted; uploads are refused",
+            )
+        if not st.activated:
+            return UploadRefused(
+                409, "NotActivated",
+                "this gateway is not activated; activate it (menu 0 of the console), then upload",
+            )
+        return None
+
+    async def upload(self, name: str, source: AsyncIterable[bytes]) -> UploadResult:
+        """Forward `source` to the control plane through the gateway's one shaper.
+
+        Streamed piece by piece: nothing is buffered beyond a piece, so a body of any size
+        costs the same memory. Raises UploadRefused with the local API's answer.
+        """
+        refusal = self.upload_refusal(name)
+        if refusal is not None:
+            raise refusal
+        assert self.identity is not None
+        if self._upload_session is None:
+            # No cookie jar, no env proxies: data goes straight to the configured URL.
+            self._upload_session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, timeout=UPLOAD_TIMEOUT
+            )
+        task = asyncio.current_task()
+        if task is not None:
+            self._uploads.add(task)
+        log.info("event=upload_started name=%s limit=%s", name, self.shaper.limit_bps or "none")
+        try:
+            return await send_upload(
+                self._upload_session, self.settings.control_plane_url, self.identity, name,
+                source, self.shaper,
+            )
+        except ShaperClosed:
+            raise UploadRefused(503, "ShuttingDown", "the daemon is stopping; retry") from None
+        except UploadError as exc:
+            raise self._upload_error(exc) from None
+        finally:
+            if task is not None:
+                self._uploads.discard(task)
+
+    def _upload_error(self, exc: UploadError) -> UploadRefused:
+        message = str(exc).split(": ", 1)[-1]
+        url = self.settings.control_plane_url
+        if exc.code == "ConnectionError" or exc.status >= 500:
+            return UploadRefused(
+                504, "ControlPlaneUnreachable", f"control plane {url} unreachable: {message}"
+            )
+        if exc.code == "NotActivated":
+            self._wake_poll.set()  # the control plane knows better: catch up now
+            return UploadRefused(409, "NotActivated", f"the control plane refused: {message}")
+        if exc.code == "SourceError":
+            return UploadRefused(400, "BodyError", f"the request body broke off: {message}")
+        return UploadRefused(
+            502, exc.code, f"control plane {url} refused the upload: {message}"
+        )
 
     # --- the link loop -------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from appliance import regions
 from appliance.activation import ENDPOINT_TYPES, KeyRefused, ParamError, parse_params
 
 if TYPE_CHECKING:
-    from appliance.daemon import Daemon
+    from appliance.daemon import Daemon, UploadRefused
 
 log = logging.getLogger("appliance.localapi")
 
@@ -100,6 +100,42 @@ def make_app(daemon: Daemon) -> web.Application:
     async def shaping(_: web.Request) -> web.Response:
         return web.json_response(daemon.shaper.status())
 
+    def refused(name: str, exc: UploadRefused) -> web.Response:
+        log.warning("event=upload_refused name=%r status=%d error=%s", name[:200], exc.status,
+                    exc.code)
+        return error(exc.status, exc.code, str(exc), exc.field)
+
+    async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse a bad name or an unactivated gateway before the
+        client sends a byte of its body; otherwise let it send."""
+        name = request.match_info["name"]
+        refusal = daemon.upload_refusal(name)
+        if refusal is not None:
+            return refused(name, refusal)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error(417, "ExpectationFailed", "only 'Expect: 100-continue' is understood",
+                         "Expect")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def upload(request: web.Request) -> web.Response:
+        from appliance.daemon import UploadRefused
+
+        name = request.match_info["name"]
+        # Streamed: aiohttp's reader stops reading the socket while the shaper holds a piece
+        # back, so the local client is slowed to the limit instead of filling memory.
+        source = request.content.iter_any()
+        try:
+            result = await daemon.upload(name, source)
+        except UploadRefused as exc:
+            return refused(name, exc)
+        return web.json_response(
+            {"name": result.name, "size": result.size, "sha256": result.sha256,
+             "seconds": round(result.seconds, 3)},
+            status=201,
+        )
+
     async def connectivity(request: web.Request) -> web.Response:
         try:
             body = await _json_body(request)
@@ -129,6 +165,7 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/schedule", schedule)
     app.router.add_get("/v1/shaping", shaping)
     app.router.add_post("/v1/connectivity-test", connectivity)
+    app.router.add_put("/v1/uploads/{name}", upload, expect_handler=upload_expect)
     return app
 
 

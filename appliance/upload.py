@@ -27,6 +27,7 @@ from appliance.shaping import UNLIMITED_PIECE, ScheduledShaper
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+NAME_RULE = "1-200 characters of A-Z a-z 0-9 . _ -, not '.' or '..'"
 Source = bytes | bytearray | memoryview | Path | AsyncIterable[bytes]
 
 
@@ -56,10 +57,9 @@ class UploadResult:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise UploadError(
-            "ValidationError", f"name: 1-200 characters of A-Z a-z 0-9 . _ -, got {name!r}"
-        )
+    """The control plane's name rule, checked before any byte is sent."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise UploadError("ValidationError", f"name: {NAME_RULE}, got {name!r}")
     return name
 
 
@@ -94,6 +94,10 @@ class _Body:
         self._shaper = shaper
         self._hash = hashlib.sha256() if verify else None
         self.size = 0
+        # Set when reading the source failed (e.g. the local client went away): aiohttp then
+        # leaves the chunked body unterminated, so the server keeps nothing, and the caller
+        # is told it was the source, not the control plane.
+        self.source_error: BaseException | None = None
 
     @property
     def sha256(self) -> str | None:
@@ -104,7 +108,15 @@ class _Body:
 
     async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
         shaper = self._shaper
-        async for chunk in _chunks(self._source, self._piece()):
+        chunks = _chunks(self._source, self._piece()).__aiter__()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                self.source_error = exc
+                raise
             view = memoryview(chunk).cast("B")
             while view:
                 # The piece size follows the rate in force, re-read for every piece.
@@ -150,7 +162,13 @@ async def upload(
             except (ValueError, aiohttp.ContentTypeError):
                 payload = None
             status = resp.status
-    except aiohttp.ClientError as exc:
+    except Exception as exc:
+        if body.source_error is not None:
+            err = body.source_error
+            log.warning("event=upload_failed name=%s error=source:%s", name, type(err).__name__)
+            raise UploadError("SourceError", f"reading the data failed: {err!r}") from err
+        if not isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
+            raise
         log.warning("event=upload_failed name=%s error=%s", name, type(exc).__name__)
         raise UploadError("ConnectionError", f"{type(exc).__name__}: {exc}") from exc
     seconds = time.monotonic() - started

@@ -185,7 +185,7 @@ async def test_signature_by_another_key_is_refused(sink, session):
     assert info.value.code == "InvalidSignature" and info.value.status == 401
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "x" * 201, "sp ace", "../etc"])
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 201, "sp ace", "../etc", ".", ".."])
 async def test_bad_names_are_refused_before_any_request(sink, session, identity, name):
     with pytest.raises(UploadError) as info:
         await upload(session, sink.url, identity, name, b"abc")
@@ -201,3 +201,16 @@ async def test_unreachable_server_is_a_connection_error(session, identity):
     with pytest.raises(UploadError) as info:
         await upload(session, f"http://127.0.0.1:{port}", identity, "x", b"abc")
     assert info.value.code == "ConnectionError"
+
+
+async def test_source_that_fails_midway_is_a_source_error_and_nothing_kept(
+    sink, session, identity
+):
+    async def parts():
+        yield b"a" * 100_000
+        raise ConnectionResetError("local client went away")
+
+    with pytest.raises(UploadError) as info:
+        await upload(session, sink.url, identity, "cut", parts())
+    assert info.value.code == "SourceError" and "local client went away" in str(info.value)
+    assert "cut" not in sink.stored

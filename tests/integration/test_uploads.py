@@ -1,0 +1,264 @@
+"""Uploads through the daemon's local API and its one shaper, and the bandwidth schedule as
+the appliance applies it: the real control plane, the real daemon, the real AWS CLI.
+
+Every upload goes `python -m appliance upload` -> the local API (Unix socket) -> the daemon's
+ScheduledShaper -> the control plane's `PUT /gateway/data/{name}`; the tests check the bytes
+the control plane wrote to its data directory, not just what it answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ALL_WEEK = [0, 1, 2, 3, 4, 5, 6]
+RESULT = re.compile(r"^uploaded (\S+): (\d+) bytes sha256 ([0-9a-f]{64}) in ")
+
+
+def whole_week(rate: int) -> list[dict[str, Any]]:
+    return [{
+        "AverageUploadRateLimitInBitsPerSec": rate,
+        "StartHourOfDay": 0, "StartMinuteOfHour": 0,
+        "EndHourOfDay": 23, "EndMinuteOfHour": 59,
+        "DaysOfWeek": ALL_WEEK,
+    }]
+
+
+def activate(cp: Any, app: Any, wait_until: Any, name: str = "uploads") -> str:
+    status, _, body = app.get("/?activationRegion=us-west-2&no_redirect")
+    assert status == 200, body
+    arn = cp.aws(
+        "create-gateway", "--activation-key", body.splitlines()[0],
+        "--gateway-display-name", name, "--gateway-type", "BACKUP_VM",
+    )["GatewayArn"]
+    wait_until(lambda: app.status()["gatewayArn"] == arn, what="activation seen by the daemon")
+    return arn
+
+
+def put_schedule(cp: Any, arn: str, intervals: list[dict[str, Any]]) -> None:
+    cp.aws("put-bandwidth-rate-limit-schedule", "--gateway-arn", arn,
+           "--bandwidth-rate-limit-intervals", json.dumps(intervals))
+
+
+def limit(app: Any) -> Any:
+    code, doc = app.api("GET", "/v1/shaping")
+    assert code == 200, doc
+    return doc["limitBitsPerSec"]
+
+
+def cli_upload(app: Any, path: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance", "upload", str(path), "--socket",
+         str(app.socket_path), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def run_upload(app: Any, path: Path, *extra: str) -> tuple[int, str, str]:
+    proc = cli_upload(app, path, *extra)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def stored(cp: Any, name: str) -> list[Path]:
+    """The files named `name` in the control plane's data directory (one per gateway)."""
+    return sorted((cp.state_dir / "data").glob(f"*/{name}"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def raw_put(app: Any, name: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A plain PUT (no Expect header) with a Content-Length body, as curl would send it."""
+    conn = UnixHTTPConnection(str(app.socket_path))
+    try:
+        conn.request("PUT", name, body=body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_upload_lands_with_the_same_sha256_and_is_metered(
+    control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
+) -> None:
+    cp, app = control_plane, appliance
+    arn = activate(cp, app, wait_until)
+    # A limit that makes the upload take a moment, so the meter is read while it runs.
+    rate = 16_000_000
+    put_schedule(cp, arn, whole_week(rate))
+    wait_until(lambda: limit(app) == rate, what="schedule applied")
+
+    data = tmp_path / "vm-disk.img"
+    data.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    proc = cli_upload(app, data)
+    def metered() -> bool:
+        return app.api("GET", "/v1/shaping")[1]["achievedBitsPerSec"] > 0
+
+    wait_until(metered, 30, "the upload to show in achievedBitsPerSec")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    match = RESULT.match(out.strip())
+    assert match and out.count("\n") == 1, out
+    assert match.group(1) == "vm-disk.img" and int(match.group(2)) == data.stat().st_size
+    [on_disk] = stored(cp, "vm-disk.img")
+    assert sha256(on_disk) == sha256(data) == match.group(3)
+    assert on_disk.parent.name in arn  # stored under the gateway's id
+    app.proc.wait_for_line(rf"event=upload_done name=vm-disk.img bytes={data.stat().st_size} ")
+
+    # --name, and a plain PUT with a Content-Length body (no Expect) also work.
+    code, out, err = run_upload(app, data, "--name", "second.copy")
+    assert code == 0, err
+    assert sha256(stored(cp, "second.copy")[0]) == sha256(data)
+    body = b"small body " * 1000
+    status, doc = raw_put(app, "/v1/uploads/small.bin", body)
+    assert status == 201, doc
+    assert doc["sha256"] == hashlib.sha256(body).hexdigest() == sha256(stored(cp, "small.bin")[0])
+    assert doc["size"] == len(body)
+
+
+def test_upload_refused_before_activation_and_for_bad_names(
+    control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
+) -> None:
+    cp, app = control_plane, appliance
+    data = tmp_path / "early.bin"
+    data.write_bytes(os.urandom(2 * 1024 * 1024))
+    code, out, err = run_upload(app, data)
+    assert code == 1 and out == ""
+    assert "409 NotActivated" in err and "not activated" in err and err.count("\n") == 1
+    status, doc = raw_put(app, "/v1/uploads/early.bin", b"abc")
+    assert status == 409 and doc["error"] == "NotActivated"
+    assert not (cp.state_dir / "data").exists() or not stored(cp, "early.bin")
+
+    activate(cp, app, wait_until)
+    for bad in ("..", "sp%20ace", "x" * 201):
+        status, doc = raw_put(app, f"/v1/uploads/{bad}", b"abc")
+        assert status == 400, (bad, doc)
+        assert doc["error"] == "ValidationError" and doc["field"] == "name"
+        assert "A-Z a-z 0-9 . _ -" in doc["message"]
+    code, _, err = run_upload(app, data, "--name", "no/slash")
+    assert code == 1 and "400 ValidationError" in err and "A-Z a-z 0-9 . _ -" in err
+    code, _, err = run_upload(app, tmp_path / "missing.bin")
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
+    # Once activated, the same file goes through.
+    code, out, err = run_upload(app, data)
+    assert code == 0, err
+    assert sha256(stored(cp, "early.bin")[0]) == sha256(data)
+
+
+def test_schedule_put_with_the_aws_cli_is_applied_within_5_seconds(
+    control_plane: Any, appliance: Any, wait_until: Any
+) -> None:
+    cp, app = control_plane, appliance
+    arn = activate(cp, app, wait_until)
+    assert limit(app) is None
+    for rate in (104_857_600, 51_200):
+        put_schedule(cp, arn, whole_week(rate))
+        # A deadline, not a sleep: fails if the daemon has not applied it 5 s after the put.
+        wait_until(lambda r=rate: limit(app) == r, 5.0, f"limit {rate} within 5 s")
+    put_schedule(cp, arn, [])
+    wait_until(lambda: limit(app) is None, 5.0, "no limit within 5 s")
+
+
+def test_schedule_enforced_across_a_restart_while_the_control_plane_is_down(
+    control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
+) -> None:
+    cp, app = control_plane, appliance
+    arn = activate(cp, app, wait_until)
+    first, second = 20_000_000, 300_000_000
+    put_schedule(cp, arn, whole_week(first))
+    wait_until(lambda: limit(app) == first, what="first schedule applied")
+
+    # Changed while the appliance is down, then the control plane goes down too.
+    app.stop()
+    put_schedule(cp, arn, whole_week(second))
+    cp.stop()
+    app.start()
+    assert limit(app) == first  # from the state on disk, without the control plane
+    code, doc = app.api("GET", "/v1/schedule")
+    assert doc["intervals"] == whole_week(first) and doc["preview"]
+    wait_until(lambda: app.status()["controlPlane"]["reachable"] is False or None,
+               what="link seen down")
+    app.proc.wait_for_line(r"event=link_retry")
+    assert limit(app) == first
+    data = tmp_path / "during-outage.bin"
+    data.write_bytes(b"x" * 100_000)
+    code, _, err = run_upload(app, data)
+    assert code == 1 and "504 ControlPlaneUnreachable" in err
+
+    cp.start()
+    wait_until(lambda: limit(app) == second, what="catch-up with the schedule put meanwhile")
+    code, _, err = run_upload(app, data)
+    assert code == 0, err
+    assert sha256(stored(cp, "during-outage.bin")[0]) == sha256(data)
+
+
+def test_local_client_cut_off_mid_upload_leaves_nothing(
+    control_plane: Any, appliance: Any, wait_until: Any
+) -> None:
+    """The local client sends half its declared body and disconnects: the daemon must not
+    let the control plane store a truncated file, and must stay up."""
+    cp, app = control_plane, appliance
+    arn = activate(cp, app, wait_until)
+    put_schedule(cp, arn, whole_week(8_000_000))
+    wait_until(lambda: limit(app) == 8_000_000, what="schedule applied")
+    mark = len(app.proc.lines)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(app.socket_path))
+    sock.sendall(b"PUT /v1/uploads/cut.bin HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Content-Length: 4000000\r\n\r\n" + b"y" * 1_000_000)
+    app.proc.wait_for_line(r"event=upload_started name=cut.bin", start=mark)
+    sock.close()
+    app.proc.wait_for_line(r"event=upload_failed name=cut.bin", start=mark)
+    assert not stored(cp, "cut.bin")
+    incoming = cp.state_dir / "data" / ".incoming"
+    wait_until(lambda: not list(incoming.glob("*")), what="the control plane to drop the part")
+    assert app.status()["activated"] is True
+
+
+def test_concurrent_uploads_share_the_shaper(
+    control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
+) -> None:
+    cp, app = control_plane, appliance
+    activate(cp, app, wait_until)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"part{i}.bin"
+        p.write_bytes(os.urandom(512 * 1024 + i))
+        paths.append(p)
+    results: dict[str, tuple[int, str, str]] = {}
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.name, run_upload(app, p)))
+               for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for p in paths:
+        code, _, err = results[p.name]
+        assert code == 0, err
+        assert sha256(stored(cp, p.name)[0]) == sha256(p)
