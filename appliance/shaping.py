@@ -5,14 +5,26 @@ Why this shape (see /work/shared/reference/shaping-notes.md for what was measure
 - Reservation model (as Go's x/time/rate): a caller takes its bytes from the bucket at once,
   the count may go negative, and the caller waits until its reservation matures. Waiters are
   therefore served strictly in arrival order, so no upload stream can starve another.
-- The bucket is in bytes and starts EMPTY with a small burst (BURST_SECONDS of the rate):
-  a full bucket or a one-second burst makes the first second overshoot by 10-100 %.
+- The bucket is kept as one instant, `tat` (GCRA's "theoretical arrival time"): the moment
+  at which the bytes reserved so far will all have been earned. Bytes are earned along a
+  rate curve that is flat, or has ONE planned step: the next boundary of the schedule.
+- The bucket starts EMPTY with a small burst (BURST_SECONDS of the rate): a full bucket or a
+  one-second burst makes the first second overshoot by 10-100 %.
 - Pieces are sized from the rate (PIECE_SECONDS of it), so 51,200 bit/s is shaped as finely
   as 10 Gbit/s: one fixed-size piece would be a large share of a slow second.
-- The rate follows the schedule by a timer armed for the next UTC boundary (not a ticker),
-  and pending reservations are re-timed at the new rate, so the new limit holds from the
-  boundary on instead of after the queue made at the old rate drains.
-- With no limit, `acquire` only counts bytes: no bucket, no timer, no await that suspends.
+- A schedule boundary is taken at its exact instant, not when a timer happens to fire:
+  PLAN_AHEAD seconds before it, the step is written into the rate curve (on the monotonic
+  clock), so reservations made before the boundary earn the part of their bytes that falls
+  after it at the new rate, and a late timer or a busy event loop cannot stretch the old
+  rate past the boundary. A second timer at the boundary only tidies up (piece size, status,
+  the next boundary); any acquire after the instant does the same first.
+- Before a drop, pieces shrink so that no reservation carries more than one new-rate piece
+  across the boundary (one 256 KiB piece at 100 Mbit/s is 40 s of 51,200 bit/s).
+- The boundary timer waits at most MAX_TIMER_SECONDS before it re-reads the wall clock, to
+  survive clock steps; its last leg is armed for PLAN_AHEAD before the boundary exactly, so
+  a normal boundary is met by the exact timer, never by the re-arm.
+- With no limit and no planned limit, `acquire` only counts bytes: no bucket, no timer, no
+  await that suspends.
 
 Time is injected: `clock` (wall time, Unix seconds, UTC: which interval is in force),
 `monotonic` (the bucket's time: a stepped wall clock must neither stall nor burst uploads) and
@@ -44,6 +56,9 @@ METER_BIN = 0.1
 # Longest wait on the boundary timer before it re-reads the wall clock: a step of the system
 # clock (NTP, VM time sync on resume) then delays a switch by at most this much.
 MAX_TIMER_SECONDS = 60.0
+# How long before a boundary its rate step is planned into the bucket: far more than a
+# timer's lateness on a loaded host, far less than any interval of the schedule (1 minute).
+PLAN_AHEAD = 0.5
 
 
 class TimerHandle(Protocol):
@@ -64,6 +79,24 @@ class _Waiter:
         self.fut = fut
         self.nbytes = nbytes
         self.wake = wake
+
+
+class _Plan:
+    """The next boundary: from monotonic instant `at`, `limit_bps` (None: no limit)."""
+
+    __slots__ = ("at", "limit_bps", "rate", "wall")
+
+    def __init__(self, at: float, limit_bps: int | None, wall: float):
+        self.at = at
+        self.limit_bps = limit_bps
+        self.rate = None if limit_bps is None else limit_bps / 8
+        self.wall = wall
+
+
+def _piece_for(rate: float | None) -> int:
+    if rate is None:
+        return UNLIMITED_PIECE
+    return max(MIN_PIECE, min(MAX_PIECE, int(rate * PIECE_SECONDS)))
 
 
 class RateMeter:
@@ -118,8 +151,9 @@ class ScheduledShaper:
         self._rate: float | None = None  # bytes per second; None = no limit
         self._burst = 0.0
         self._piece = UNLIMITED_PIECE
-        self._tokens = 0.0
-        self._last = monotonic()
+        self._plan: _Plan | None = None
+        self._free = True  # no limit now and none planned: the fast path
+        self._tat = monotonic()
         self._waiters: deque[_Waiter] = deque()
         self._wake_handle: TimerHandle | None = None
         self._wake_at: float | None = None
@@ -127,14 +161,31 @@ class ScheduledShaper:
         self._started = False
         self._closed = False
         self.meter = RateMeter(monotonic)
-        self._set_limit(self._schedule.rate_at(self._utc(clock())), self._last)
+        self._reshape(self._mono(), self._schedule.rate_at(self._utc(clock())), None)
 
     # --- public --------------------------------------------------------------------------
 
     @property
     def piece_size(self) -> int:
-        """Bytes an upload should acquire at a time at the current rate."""
-        return self._piece
+        """Bytes an upload should acquire at a time at the current rate.
+
+        Read it right before `acquire` (no await in between): just before a drop it is the
+        share of the old rate left before the boundary, so a piece ends at the boundary or
+        carries at most one new-rate piece past it.
+        """
+        plan = self._plan
+        if plan is None:
+            return self._piece
+        now = self._mono()
+        if now >= plan.at:
+            self._commit(now)
+            return self._piece
+        new = _piece_for(plan.rate)
+        if self._rate is None or new >= self._piece:
+            return self._piece
+        start = max(self._tat, now - self._burst / self._rate)
+        before = (plan.at - start) * self._rate
+        return min(self._piece, max(new, int(before)))
 
     @property
     def limit_bps(self) -> int | None:
@@ -143,6 +194,18 @@ class ScheduledShaper:
     @property
     def schedule(self) -> Schedule:
         return self._schedule
+
+    @property
+    def tokens(self) -> float:
+        """Bytes in the bucket now; negative: owed by reservations still waiting."""
+        now = self._mono()
+        if self._rate is None and self._plan is None:
+            return 0.0
+        if self._tat > now:
+            return -self._earned(now, self._tat)
+        if self._rate is None:
+            return 0.0
+        return min(self._burst, (now - self._tat) * self._rate)
 
     def start(self) -> None:
         """Arm the boundary timer (call from inside the event loop)."""
@@ -173,7 +236,7 @@ class ScheduledShaper:
         if self._started:
             self._on_boundary()
         else:
-            self._set_limit(schedule.rate_at(self._utc(self._clock())), self._mono())
+            self._reshape(self._mono(), schedule.rate_at(self._utc(self._clock())), None)
 
     def resync(self) -> None:
         """Re-read the wall clock now (after the system time was stepped)."""
@@ -182,18 +245,24 @@ class ScheduledShaper:
 
     async def acquire(self, nbytes: int) -> None:
         """Wait until `nbytes` may be sent. Cancelling the wait gives the bytes back."""
-        if self._rate is None:  # fast path: no limit
+        if self._free:  # fast path: no limit
             self.meter.add(nbytes)
             return
         if self._closed:
             raise ShaperClosed("upload shaper closed")
         now = self._mono()
-        self._refill(now)
-        self._tokens -= nbytes
-        if self._tokens >= 0 and not self._waiters:
+        plan = self._plan
+        if plan is not None and now >= plan.at:
+            self._commit(now)
+        rate = self._rate
+        if rate is None:  # no limit until the planned one (or the plan just lifted it)
             self.meter.add(nbytes, now)
             return
-        wake = now + max(0.0, -self._tokens) / self._rate
+        start = max(self._tat, now - self._burst / rate)
+        wake = self._tat = self._advance(start, nbytes)
+        if wake <= now and not self._waiters:
+            self.meter.add(nbytes, now)
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(fut, nbytes, wake)
         self._waiters.append(waiter)
@@ -207,6 +276,8 @@ class ScheduledShaper:
 
     def status(self) -> dict[str, Any]:
         """The shape of GET /v1/shaping (docs/local-api.md)."""
+        if self._plan is not None and self._mono() >= self._plan.at:
+            self._commit(self._mono())
         now = self._utc(self._clock())
         interval = self._schedule.interval_at(now)
         nxt = self._schedule.next_change(now)
@@ -217,44 +288,122 @@ class ScheduledShaper:
             "achievedBitsPerSec": round(self.meter.bits_per_sec(), 1),
         }
 
-    # --- the bucket ----------------------------------------------------------------------
+    # --- the rate curve: the current rate, then at most one planned step -------------------
 
     @staticmethod
     def _utc(ts: float) -> datetime:
         return datetime.fromtimestamp(ts, UTC)
 
-    def _refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self._last)
-        self._last = max(self._last, now)
-        if self._rate is not None:
-            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+    def _earned(self, a: float, b: float) -> float:
+        """Bytes the curve earns from instant a to b (a <= b); no limit earns no debt."""
+        plan, r0 = self._plan, self._rate
+        if plan is None or b <= plan.at:
+            return 0.0 if r0 is None else (b - a) * r0
+        r1 = plan.rate
+        after = 0.0 if r1 is None else (b - max(a, plan.at)) * r1
+        if a >= plan.at:
+            return after
+        return after + (0.0 if r0 is None else (plan.at - a) * r0)
 
-    def _set_limit(self, limit_bps: int | None, now: float) -> None:
-        """Change the rate at `now`; pending reservations keep their place, re-timed."""
-        if limit_bps == self._limit_bps:
+    def _advance(self, t: float, n: float) -> float:
+        """The instant at which `n` more bytes are earned after `t`."""
+        plan, r0 = self._plan, self._rate
+        if plan is not None and t < plan.at:
+            if r0 is not None:
+                before = (plan.at - t) * r0
+                if n <= before:
+                    return t + n / r0
+                n -= before
+            r1 = plan.rate
+            return plan.at if r1 is None else plan.at + n / r1
+        rate = r0 if plan is None else plan.rate
+        return t if rate is None else t + n / rate
+
+    def _retreat(self, t: float, n: float) -> float:
+        """The instant from which `n` bytes are earned up to `t` (inverse of _advance)."""
+        plan, r0 = self._plan, self._rate
+        if plan is not None and t > plan.at and plan.rate is not None:
+            after = (t - plan.at) * plan.rate
+            if n <= after:
+                return t - n / plan.rate
+            n -= after
+            t = plan.at
+        return t if r0 is None else t - n / r0
+
+    def _reshape(self, now: float, limit_bps: int | None, plan: _Plan | None) -> None:
+        """Put a new curve in place from `now`: the current limit and the planned step.
+
+        What is still owed (by each waiter, and in all) is kept in BYTES and re-timed on the
+        new curve, so a change applies from `now` (or from the plan's instant) on, not after
+        the queue made at the old rate has drained.
+        """
+        if self._plan is not None and now >= self._plan.at:
+            self._commit(now)
+        old = self._plan
+        if limit_bps == self._limit_bps and (
+            (plan is None and old is None)
+            or (plan is not None and old is not None and plan.limit_bps == old.limit_bps
+                and abs(plan.at - old.at) < 1e-3)
+        ):
             return
-        self._refill(now)
-        old = self._rate
-        self._limit_bps = limit_bps
-        if limit_bps is None:
-            self._rate = None
-            self._tokens = 0.0
-            self._piece = UNLIMITED_PIECE
-            self._release_all()
+        old_rate, old_burst = self._rate, self._burst
+        owed = [self._earned(now, w.wake) if w.wake > now else 0.0 for w in self._waiters]
+        owed_all = self._earned(now, self._tat) if self._tat > now else 0.0
+        tokens = (
+            0.0 if old_rate is None or self._tat > now
+            else min(old_burst, (now - self._tat) * old_rate)
+        )
+        changed = limit_bps != self._limit_bps
+        self._apply(limit_bps)
+        self._plan = plan
+        self._free = self._rate is None and plan is None
+        if self._rate is None:
+            self._release_all(now)
+            self._tat = plan.at if plan is not None else now  # a planned limit starts empty
+        elif old_rate is None:
+            self._tat = now  # start empty: a full bucket overshoots the first second
+        elif owed_all > 0:
+            self._tat = self._advance(now, owed_all)
+            for w, debt in zip(self._waiters, owed, strict=True):
+                if debt > 0:
+                    w.wake = self._advance(now, debt)
+            self._arm_wake(now)
         else:
-            new = limit_bps / 8
-            self._rate = new
-            self._piece = max(MIN_PIECE, min(MAX_PIECE, int(new * PIECE_SECONDS)))
-            self._burst = max(new * self._burst_seconds, float(self._piece))
-            if old is None:
-                self._tokens = 0.0  # start empty: a full bucket overshoots the first second
-            else:
-                self._tokens = min(self._tokens, self._burst)
-                for w in self._waiters:
-                    w.wake = now + max(0.0, w.wake - now) * old / new
-                if self._waiters:
-                    self._arm_wake(now)
-        log.info("event=shaper_limit limit=%s", format_rate(limit_bps).replace(" ", ""))
+            self._tat = now - min(tokens, self._burst) / self._rate
+        if changed:
+            log.info("event=shaper_limit limit=%s", format_rate(limit_bps).replace(" ", ""))
+        if plan is not None:
+            log.info(
+                "event=shaper_planned limit=%s in_ms=%.1f",
+                format_rate(plan.limit_bps).replace(" ", ""), (plan.at - now) * 1000,
+            )
+
+    def _apply(self, limit_bps: int | None) -> None:
+        self._limit_bps = limit_bps
+        self._rate = None if limit_bps is None else limit_bps / 8
+        self._piece = _piece_for(self._rate)
+        if self._rate is not None:
+            self._burst = max(self._rate * self._burst_seconds, float(self._piece))
+
+    def _commit(self, now: float) -> None:
+        """The planned instant has passed: its rate becomes the current one.
+
+        The curve is unchanged from the plan's instant on, so nothing is re-timed; `now`
+        only says how late this bookkeeping ran (the bytes never depended on it).
+        """
+        plan = self._plan
+        assert plan is not None
+        self._apply(plan.limit_bps)
+        self._plan = None
+        self._free = self._rate is None
+        if self._rate is None:
+            self._release_all(now)
+        log.info(
+            "event=shaper_limit limit=%s planned=1 late_ms=%.2f",
+            format_rate(plan.limit_bps).replace(" ", ""), (now - plan.at) * 1000,
+        )
+
+    # --- waiting ---------------------------------------------------------------------------
 
     def _arm_wake(self, now: float) -> None:
         """One timer, for the head of the queue: later waiters mature later (FIFO)."""
@@ -272,6 +421,8 @@ class ScheduledShaper:
         self._wake_handle = None
         self._wake_at = None
         now = self._mono()
+        if self._plan is not None and now >= self._plan.at:
+            self._commit(now)
         while self._waiters and self._waiters[0].wake <= now:
             w = self._waiters.popleft()
             if not w.fut.done():
@@ -279,7 +430,7 @@ class ScheduledShaper:
                 self.meter.add(w.nbytes, now)
         self._arm_wake(now)
 
-    def _release_all(self) -> None:
+    def _release_all(self, now: float) -> None:
         if self._wake_handle is not None:
             self._wake_handle.cancel()
         self._wake_handle = None
@@ -288,7 +439,7 @@ class ScheduledShaper:
             w = self._waiters.popleft()
             if not w.fut.done():
                 w.fut.set_result(None)
-                self.meter.add(w.nbytes)
+                self.meter.add(w.nbytes, now)
 
     def _give_back(self, waiter: _Waiter) -> None:
         """A cancelled upload returns its bytes; those queued behind it move up."""
@@ -299,16 +450,16 @@ class ScheduledShaper:
             position = -1  # already released when the cancel arrived: bytes never sent
         else:
             del self._waiters[position]
-        if self._rate is None:
-            return
-        self._refill(now)
-        self._tokens = min(self._burst, self._tokens + waiter.nbytes)
         if position < 0:
             self.meter.add(-waiter.nbytes, now)
+        if self._rate is None:
+            return  # no limit now: nothing is owed
+        n = waiter.nbytes
+        self._tat = self._retreat(self._tat, n)
+        if position < 0:
             return
-        shift = waiter.nbytes / self._rate
         for i in range(position, len(self._waiters)):
-            self._waiters[i].wake -= shift
+            self._waiters[i].wake = self._retreat(self._waiters[i].wake, n)
         if self._waiters:
             self._arm_wake(now)
         elif self._wake_handle is not None:
@@ -323,17 +474,41 @@ class ScheduledShaper:
 
     # --- the schedule's boundaries -------------------------------------------------------
 
-    def _on_boundary(self) -> None:
-        """Apply the rate in force now and arm the timer for the next UTC boundary."""
+    def _on_boundary(self, not_before: float | None = None) -> None:
+        """Apply the rate in force now; plan the next boundary or arm the timer toward it.
+
+        `not_before`: the wall time of a boundary just taken, so a wall clock read a hair
+        before it (clocks drift apart by microseconds) does not take the old rate back.
+        """
         if self._boundary_handle is not None:
             self._boundary_handle.cancel()
             self._boundary_handle = None
         if self._closed:
             return
         wall = self._clock()
-        self._set_limit(self._schedule.rate_at(self._utc(wall)), self._mono())
+        if not_before is not None:
+            wall = max(wall, not_before)
+        now = self._mono()
         nxt = self._schedule.next_change(self._utc(wall))
-        if nxt is None:
+        delay = None if nxt is None else max(0.0, nxt.timestamp() - wall)
+        plan = None
+        if nxt is not None and delay is not None and delay < PLAN_AHEAD + 0.01:
+            plan = _Plan(now + delay, self._schedule.rate_at(nxt), nxt.timestamp())
+        self._reshape(now, self._schedule.rate_at(self._utc(wall)), plan)
+        if delay is None:
             return
-        delay = min(MAX_TIMER_SECONDS, max(0.0, nxt.timestamp() - wall))
-        self._boundary_handle = self._timer()(delay, self._on_boundary)
+        kept = self._plan  # `plan`, or an equal one already in place
+        if kept is not None:
+            self._boundary_handle = self._timer()(
+                max(0.0, kept.at - now), lambda: self._on_planned(kept)
+            )
+        else:
+            wait = min(MAX_TIMER_SECONDS, delay - PLAN_AHEAD)
+            self._boundary_handle = self._timer()(wait, self._on_boundary)
+
+    def _on_planned(self, plan: _Plan) -> None:
+        """The timer at the boundary: take the plan if no acquire did, aim at the next one."""
+        self._boundary_handle = None
+        if self._plan is plan:
+            self._commit(self._mono())
+        self._on_boundary(not_before=plan.wall)

@@ -15,7 +15,14 @@ from datetime import UTC, datetime
 import pytest
 
 from appliance.schedule import Schedule
-from appliance.shaping import MAX_PIECE, MIN_PIECE, ScheduledShaper, ShaperClosed
+from appliance.shaping import (
+    MAX_PIECE,
+    MAX_TIMER_SECONDS,
+    MIN_PIECE,
+    PLAN_AHEAD,
+    ScheduledShaper,
+    ShaperClosed,
+)
 
 ALL_DAYS = [0, 1, 2, 3, 4, 5, 6]
 # Monday 2026-11-23 08:59:50 UTC: ten seconds before a 09:00 boundary.
@@ -31,9 +38,14 @@ class FakeHandle:
 
 
 class FakeTime:
-    def __init__(self, start: float) -> None:
+    """`boundary_late`: every timer but the bucket's wake-up fires this much late (a busy
+    event loop), to show the rate changes at the boundary instant, not when a timer runs."""
+
+    def __init__(self, start: float, boundary_late: float = 0.0) -> None:
         self.now = start  # monotonic time; the wall clock is now + wall_offset
         self.wall_offset = 0.0
+        self.boundary_late = boundary_late
+        self.fired: list[float] = []  # when the boundary timers ran
         self._heap: list = []
         self._seq = itertools.count()
 
@@ -45,7 +57,10 @@ class FakeTime:
 
     def call_later(self, delay, callback):
         handle = FakeHandle()
-        heapq.heappush(self._heap, (self.now + max(0.0, delay), next(self._seq), callback, handle))
+        when = self.now + max(0.0, delay)
+        if getattr(callback, "__name__", "") != "_on_wake":
+            when += self.boundary_late
+        heapq.heappush(self._heap, (when, next(self._seq), callback, handle))
         return handle
 
     def pending(self) -> list[float]:
@@ -64,6 +79,8 @@ class FakeTime:
                 break
             when, _, callback, _ = heapq.heappop(self._heap)
             self.now = max(self.now, when)
+            if getattr(callback, "__name__", "") != "_on_wake":
+                self.fired.append(self.now)
             callback()
         self.now = max(self.now, until)
         await self.settle()
@@ -125,10 +142,13 @@ async def test_released_bytes_stay_within_the_rate_bounds(rate_bps):
     burst = shaper._burst
     piece = shaper.piece_size
     duration = 20.0
+    released = seen = 0
     for step in range(1, 401):
         t = duration * step / 400
         await ft.run_until(start + t)
-        released = sum(n for when, _, n in log if when <= start + t)
+        for _, _, n in log[seen:]:  # the log is in time order: count what is new
+            released += n
+        seen = len(log)
         assert released <= burst + rate * t + piece
     released = sum(n for _, _, n in log)
     assert released >= 0.999 * rate * duration
@@ -195,7 +215,7 @@ async def test_a_cancelled_upload_gives_its_tokens_back():
     # and the bucket holds no debt of the cancelled upload: the next piece is immediate
     await ft.run_until(start + 5)
     await shaper.acquire(100)
-    assert shaper._tokens >= 0
+    assert shaper.tokens >= 0
     await after
 
 
@@ -204,10 +224,10 @@ async def test_cancelling_the_last_waiter_restores_the_bucket():
     shaper = make(whole_week(800_000), ft)
     task = asyncio.create_task(shaper.acquire(30_000))
     await ft.settle()
-    assert shaper._tokens == pytest.approx(-30_000)
+    assert shaper.tokens == pytest.approx(-30_000)
     task.cancel()
     await ft.settle()
-    assert shaper._tokens == pytest.approx(0)
+    assert shaper.tokens == pytest.approx(0)
     assert ft.pending() == []  # no wake timer left behind
 
 
@@ -216,7 +236,7 @@ async def test_rate_changes_at_the_boundary_by_the_timer():
     shaper = make(from_nine(51_200, 1_000_000), ft)
     boundary = T0 + 10
     assert shaper.limit_bps == 51_200
-    assert boundary in ft.pending()  # armed for the boundary, not a ticker
+    assert ft.pending() == [boundary - PLAN_AHEAD]  # armed for the boundary, not a ticker
     assert shaper.status()["nextChange"] == "2026-11-23T09:00:00Z"
     # a reservation made at the old rate: 64,000 bytes = 10 s at 6,400 bytes/s
     await ft.run_until(boundary - 1)
@@ -259,7 +279,7 @@ async def test_switch_to_no_limit_releases_waiters_and_back_starts_empty():
         coro.send(None)
     await ft.run_until(boundary + 3600)
     assert shaper.limit_bps == 51_200
-    assert shaper._tokens == 0  # starts empty, no burst from the unlimited hour
+    assert shaper.tokens == 0  # starts empty, no burst from the unlimited hour
     shaper.close()
 
 
@@ -269,7 +289,7 @@ async def test_set_schedule_applies_now_and_rearms_the_timer():
     assert shaper.limit_bps is None and ft.pending() == []
     shaper.set_schedule(from_nine(2_000_000, 4_000_000))
     assert shaper.limit_bps == 2_000_000
-    assert ft.pending() == [T0 + 10]
+    assert ft.pending() == [T0 + 10 - PLAN_AHEAD]
     shaper.set_schedule(whole_week(None))
     assert shaper.limit_bps is None
     assert ft.pending() == []
@@ -317,4 +337,152 @@ async def test_wall_clock_steps_neither_stall_nor_burst_the_bucket():
     assert shaper.status()["nextChange"] == "2026-11-23T10:00:00Z"
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    shaper.close()
+
+
+# --- a rate change at a boundary --------------------------------------------------------
+
+
+@pytest.mark.parametrize("late", [0.0, 0.02], ids=["timer-on-time", "timer-20ms-late"])
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (1_000_000_000, 100_000_000),
+        (100_000_000, 1_000_000_000),
+        (100_000_000, 51_200),
+        (51_200, 100_000_000),
+    ],
+)
+async def test_bytes_after_a_boundary_follow_the_new_rate_from_its_instant(before, after, late):
+    """x/time/rate's bounds on each side of the boundary, with the boundary as time zero.
+
+    20 ms of a late timer at the old rate would exceed the bound after a drop by far more
+    than a burst and a piece (1 Gbit/s -> 100 Mbit/s: 2.25 MB against 0.375 MB).
+    """
+    ft = FakeTime(T0 + 8, boundary_late=late)  # 2 s before the 09:00 boundary
+    shaper = make(from_nine(before, after), ft)
+    boundary = T0 + 10
+    start = ft.now
+    r0, r1 = before / 8, after / 8
+    burst0, piece0 = shaper._burst, shaper.piece_size
+    log: list = []
+    tasks = [asyncio.create_task(pump(shaper, log, i)) for i in range(4)]
+    await ft.run_until(boundary)
+    pre = sum(n for when, _, n in log if when <= boundary)
+    assert pre <= burst0 + r0 * (boundary - start) + piece0
+    seen = len(log)
+    after_bytes = 0
+    duration = 10.0  # one 10 ms piece still maturing is then 0.1 % of the ideal
+    steps = [k / 100 for k in range(1, 101)] + [1 + k / 4 for k in range(1, 37)]
+    for t in steps:
+        await ft.run_until(boundary + t)
+        for _, _, n in log[seen:]:
+            after_bytes += n
+        seen = len(log)
+        assert shaper.limit_bps == after or t < late
+        burst1, piece1 = max(r1 * 0.02, shaper.piece_size), shaper.piece_size
+        assert after_bytes <= burst1 + r1 * t + piece1, f"{t=}"
+        assert after_bytes >= r1 * t - piece1, f"{t=}"
+    ideal = r0 * (boundary - start) + r1 * duration
+    assert pre + after_bytes >= 0.999 * ideal
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    shaper.close()
+
+
+async def test_a_reservation_across_the_boundary_pays_each_part_at_its_rate():
+    ft = FakeTime(T0)  # 08:59:50
+    shaper = make(from_nine(51_200, 1_000_000), ft)  # 6,400 B/s, then 125,000 B/s
+    boundary = T0 + 10
+    await ft.run_until(boundary - 0.2)  # inside the plan window: the step is known
+    pending = asyncio.create_task(shaper.acquire(64_000))
+    await ft.settle()
+    # idle since the start: a full 128-byte burst (20 ms) + 0.2 s at 6,400 B/s = 1,408 B
+    # before 09:00, the other 62,592 B at 125,000 B/s: 0.500736 s after it
+    await ft.run_until(boundary + 0.5007)
+    assert not pending.done()
+    await ft.run_until(boundary + 0.5008)
+    assert pending.done()
+    shaper.close()
+
+
+async def test_pieces_shrink_before_a_drop_so_one_new_piece_at_most_crosses_it():
+    ft = FakeTime(T0 + 9)  # 1 s before 09:00
+    shaper = make(from_nine(100_000_000, 51_200), ft)
+    boundary = T0 + 10
+    assert shaper.piece_size == 125_000  # 10 ms of 100 Mbit/s
+    log: list = []
+    task = asyncio.create_task(pump(shaper, log, 0))
+    await ft.run_until(boundary + 1)
+    # the pieces released by the boundary ended by it; the first one after it is small
+    crossing = [n for when, _, n in log if when > boundary]
+    assert crossing and crossing[0] <= MIN_PIECE
+    assert shaper.piece_size == MIN_PIECE
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    shaper.close()
+
+
+async def test_a_distant_boundary_is_met_by_the_exact_timer_not_the_rearm():
+    ft = FakeTime(T0 - 3 * 3600)  # 05:59:50, the boundary three hours on
+    ft.wall_offset = 1234.5678  # the monotonic clock has another origin than the wall clock
+    ft.now -= ft.wall_offset
+    shaper = make(from_nine(51_200, 1_000_000), ft)
+    boundary = T0 + 10 - ft.wall_offset  # on the monotonic clock
+    await ft.run_until(boundary - 1e-6)
+    assert shaper.limit_bps == 51_200
+    gaps = [b - a for a, b in itertools.pairwise(ft.fired)]
+    assert gaps and max(gaps) <= MAX_TIMER_SECONDS  # re-reads the wall clock every minute
+    assert ft.fired[-1] == pytest.approx(boundary - PLAN_AHEAD, abs=1e-5)  # plans ahead
+    assert ft.pending() == [pytest.approx(boundary, abs=1e-5)]  # one timer, at the boundary
+    await ft.run_until(boundary)
+    assert shaper.limit_bps == 1_000_000
+    assert ft.fired[-1] == pytest.approx(boundary, abs=1e-5)
+    shaper.close()
+
+
+async def test_a_wall_clock_step_during_the_wait_is_caught_by_the_rearm():
+    ft = FakeTime(T0 - 3600)  # 07:59:50, the boundary an hour on
+    shaper = make(from_nine(51_200, 1_000_000), ft)
+    await ft.run_until(ft.now + 600)
+    ft.wall_offset = -30.0  # stepped back 30 s, nobody calls resync()
+    boundary = T0 + 10 + 30  # when the wall clock now reads 09:00, on the monotonic clock
+    await ft.run_until(boundary - 1e-6)
+    assert shaper.limit_bps == 51_200
+    await ft.run_until(boundary)
+    assert shaper.limit_bps == 1_000_000
+    # stepped forward past 10:00 without resync(): the next re-arm (<= 60 s) catches it
+    ft.wall_offset = 3600.0
+    await ft.run_until(ft.now + MAX_TIMER_SECONDS)
+    assert shaper.limit_bps == 51_200
+    shaper.close()
+
+
+async def test_a_new_schedule_inside_the_plan_window_replaces_the_plan():
+    ft = FakeTime(T0 + 9.8)  # 200 ms before 09:00: the step to 1 Mbit/s is planned
+    shaper = make(from_nine(51_200, 1_000_000), ft)
+    # 6,400 B: 1,280 B before 09:00 at 6,400 B/s, 5,120 B after it at 125,000 B/s
+    waiting = asyncio.create_task(shaper.acquire(6_400))
+    await ft.settle()
+    # the boundary timer, and the waiter's
+    assert ft.pending() == [T0 + 10, pytest.approx(T0 + 10 + 0.04096, abs=1e-5)]
+    shaper.set_schedule(whole_week(51_200))  # no boundary any more
+    # the waiter only (no boundary timer), re-timed: all 6,400 B at the old rate
+    assert ft.pending() == [pytest.approx(ft.now + 1.0, abs=1e-5)]
+    await ft.run_until(T0 + 10.5)
+    assert shaper.limit_bps == 51_200 and not waiting.done()
+    await ft.run_until(T0 + 10.81)
+    assert waiting.done()
+    # a schedule lifting the limit at 10:00: a reservation across it is free from 10:00 on
+    shaper.set_schedule(from_nine(None, 800_000))  # 100,000 B/s from 09:00 to 09:59
+    ten = T0 + 10 + 3600
+    await ft.run_until(ten - 0.1)
+    assert shaper.limit_bps == 800_000
+    waiting = asyncio.create_task(shaper.acquire(50_000))  # 0.5 s at 100,000 B/s
+    await ft.settle()
+    await ft.run_until(ten - 1e-3)
+    assert not waiting.done()
+    await ft.run_until(ten)
+    assert waiting.done() and shaper.limit_bps is None
     shaper.close()
