@@ -98,3 +98,6 @@ class LocalApi:
 
     def schedule(self) -> dict[str, Any]:
         return self._call("GET", "/v1/schedule", timeout=5.0)
+
+    def shaping(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/shaping", timeout=5.0)

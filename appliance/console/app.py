@@ -17,7 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.console import activation, connectivity, network, resourcecheck, shell, timemenu
+from appliance.console import (
+    activation,
+    bandwidth,
+    connectivity,
+    network,
+    resourcecheck,
+    shell,
+    timemenu,
+)
 from appliance.console.api import DEFAULT_SOCKET, LocalApi
 from appliance.console.auth import USERNAME, PasswordFileError, PasswordStore, Throttle
 from appliance.console.context import Context
@@ -80,6 +88,8 @@ def header_lines(ctx: Context) -> list[str]:
         lines.append(f"  {status.get('gatewayArn')}")
     else:
         lines.append("Not activated")
+    if status is not None:
+        lines.append(bandwidth.header_line(status.get("shaping")))
     adapters = netinfo.list_adapters()
     for adapter in adapters:
         lines.append(f"{adapter.name}: {', '.join(adapter.addresses) or 'no address'}")
@@ -101,6 +111,7 @@ def main_menu(ctx: Context) -> None:
             ("4", f"View system resource check ({errors} Errors)"),
             ("5", "System time management"),
             ("6", "Command prompt"),
+            ("7", "View bandwidth schedule"),
         ]
         ctx.term.clear()
         try:
@@ -142,6 +153,8 @@ def _dispatch(ctx: Context, choice: str) -> None:
         timemenu.run(ctx)
     elif choice == "6":
         shell.run(ctx)
+    elif choice == "7":
+        bandwidth.run(ctx)
 
 
 def login(ctx: Context, throttle: Throttle) -> bool:

@@ -262,3 +262,25 @@ def test_concurrent_uploads_share_the_shaper(
         code, _, err = results[p.name]
         assert code == 0, err
         assert sha256(stored(cp, p.name)[0]) == sha256(p)
+
+
+def test_stop_during_a_slow_upload_cuts_it_and_keeps_nothing(
+    control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
+) -> None:
+    """At the API minimum a 1 MB upload takes minutes: SIGTERM must not wait for it."""
+    cp, app = control_plane, appliance
+    arn = activate(cp, app, wait_until)
+    put_schedule(cp, arn, whole_week(51_200))
+    wait_until(lambda: limit(app) == 51_200, what="schedule applied")
+    data = tmp_path / "slow.bin"
+    data.write_bytes(os.urandom(1_000_000))
+    mark = len(app.proc.lines)
+    proc = cli_upload(app, data)
+    app.proc.wait_for_line(r"event=upload_started name=slow.bin", start=mark)
+    app.proc.popen.terminate()
+    assert app.proc.wait_exit(20) == 0
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "slow.bin" in err and "Traceback" not in err
+    assert not stored(cp, "slow.bin")
+    incoming = cp.state_dir / "data" / ".incoming"
+    wait_until(lambda: not list(incoming.glob("*")), what="the control plane to drop the part")
