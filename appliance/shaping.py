@@ -18,8 +18,10 @@ Why this shape (see /work/shared/reference/shaping-notes.md for what was measure
   after it at the new rate, and a late timer or a busy event loop cannot stretch the old
   rate past the boundary. A second timer at the boundary only tidies up (piece size, status,
   the next boundary); any acquire after the instant does the same first.
-- Before a drop, pieces shrink so that no reservation carries more than one new-rate piece
-  across the boundary (one 256 KiB piece at 100 Mbit/s is 40 s of 51,200 bit/s).
+- Before a drop, pieces shrink to the new rate's size for the last old-rate piece, so no
+  reservation carries more than one new-rate piece across the boundary (one 256 KiB piece
+  at 100 Mbit/s is 40 s of 51,200 bit/s), and the piece released at the boundary, which
+  reaches the receiver after it, is a small one.
 - The boundary timer waits at most MAX_TIMER_SECONDS before it re-reads the wall clock, to
   survive clock steps; its last leg is armed for PLAN_AHEAD before the boundary exactly, so
   a normal boundary is met by the exact timer, never by the re-arm.
@@ -169,9 +171,10 @@ class ScheduledShaper:
     def piece_size(self) -> int:
         """Bytes an upload should acquire at a time at the current rate.
 
-        Read it right before `acquire` (no await in between): just before a drop it is the
-        share of the old rate left before the boundary, so a piece ends at the boundary or
-        carries at most one new-rate piece past it.
+        Read it right before `acquire` (no await in between): within the last old-rate piece
+        before a drop it is already the new rate's piece, so no reservation carries more than
+        one new-rate piece past the boundary, and the piece released AT the boundary (sent
+        after it) is a small one.
         """
         plan = self._plan
         if plan is None:
@@ -185,7 +188,7 @@ class ScheduledShaper:
             return self._piece
         start = max(self._tat, now - self._burst / self._rate)
         before = (plan.at - start) * self._rate
-        return min(self._piece, max(new, int(before)))
+        return self._piece if before >= self._piece else new
 
     @property
     def limit_bps(self) -> int | None:
