@@ -8,8 +8,9 @@ Why this shape (see /work/shared/reference/shaping-notes.md for what was measure
 - The bucket is kept as one instant, `tat` (GCRA's "theoretical arrival time"): the moment
   at which the bytes reserved so far will all have been earned. Bytes are earned along a
   rate curve that is flat, or has ONE planned step: the next boundary of the schedule.
-- The bucket starts EMPTY with a small burst (BURST_SECONDS of the rate): a full bucket or a
-  one-second burst makes the first second overshoot by 10-100 %.
+- The bucket starts EMPTY with a small burst (BURST_SECONDS of the rate), and again at every
+  change of the limit: a full bucket or a one-second burst makes the first second overshoot
+  by 10-100 %, and a burst saved at 1 Gbit/s is 2 % of the next second at 100 Mbit/s.
 - Pieces are sized from the rate (PIECE_SECONDS of it), so 51,200 bit/s is shaped as finely
   as 10 Gbit/s: one fixed-size piece would be a large share of a slow second.
 - A schedule boundary is taken at its exact instant, not when a timer happens to fire:
@@ -371,8 +372,8 @@ class ScheduledShaper:
                 if debt > 0:
                     w.wake = self._advance(now, debt)
             self._arm_wake(now)
-        else:
-            self._tat = now - min(tokens, self._burst) / self._rate
+        else:  # a new limit starts empty: a burst saved at the old rate is not carried over
+            self._tat = now if changed else now - min(tokens, self._burst) / self._rate
         if changed:
             log.info("event=shaper_limit limit=%s", format_rate(limit_bps).replace(" ", ""))
         if plan is not None:
@@ -398,6 +399,9 @@ class ScheduledShaper:
         assert plan is not None
         self._apply(plan.limit_bps)
         self._plan = None
+        # Tokens saved before the boundary (uploads slower than the old limit) are not
+        # carried into the new interval: the new limit starts empty at its instant.
+        self._tat = max(self._tat, plan.at)
         self._free = self._rate is None
         if self._rate is None:
             self._release_all(now)

@@ -407,6 +407,24 @@ async def test_a_reservation_across_the_boundary_pays_each_part_at_its_rate():
     shaper.close()
 
 
+async def test_tokens_saved_before_a_boundary_are_not_carried_past_it():
+    ft = FakeTime(T0 + 9)  # 1 s before 09:00; 1 Gbit/s, then 100 Mbit/s
+    shaper = make(from_nine(1_000_000_000, 100_000_000), ft)
+    boundary = T0 + 10
+    await ft.run_until(boundary + 0.001)  # idle: a full 20 ms burst (2.5 MB) at 1 Gbit/s
+    n = shaper.piece_size
+    assert n == 125_000
+    task = asyncio.create_task(shaper.acquire(n))
+    await ft.settle()
+    # the new limit started empty at 09:00: 1 ms of 12.5 MB/s is 12,500 B, not 125,000
+    assert not task.done()
+    await ft.run_until(boundary + n / 12_500_000 - 1e-6)
+    assert not task.done()
+    await ft.run_until(boundary + n / 12_500_000 + 1e-6)
+    assert task.done()
+    shaper.close()
+
+
 async def test_pieces_shrink_before_a_drop_so_one_new_piece_at_most_crosses_it():
     ft = FakeTime(T0 + 9)  # 1 s before 09:00
     shaper = make(from_nine(100_000_000, 51_200), ft)
