@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import http.client
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from urllib.parse import quote
 
 from appliance import config
 from appliance.config import ConfigError
+from appliance.localclient import ApiError, ApiUnavailable, LocalApi
 from appliance.version import __version__
 
 EXIT_RUNTIME = 1
@@ -124,31 +123,6 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-def fetch_status(path: str) -> dict[str, Any]:
-    conn = _UnixHTTPConnection(path)
-    try:
-        conn.request("GET", "/v1/status")
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise OSError(f"HTTP {resp.status}: {body.get('message')}")
-    return body
-
-
 def _yes(flag: Any) -> str:
     return "yes" if flag else "no"
 
@@ -171,6 +145,7 @@ def format_status(doc: dict[str, Any]) -> str:
         ("  last error", cp.get("lastError") or "-"),
         ("Upload limit", f"{limit} bit/s" if limit else "none"),
         ("  next change", shaping.get("nextChange") or "-"),
+        ("  uploading", f"{shaping.get('achievedBitsPerSec') or 0:.0f} bit/s"),
     ]
     if doc.get("deletedGatewayArn"):
         rows.insert(4, ("Deleted gateway", doc["deletedGatewayArn"]))
@@ -183,10 +158,9 @@ def format_status(doc: dict[str, Any]) -> str:
 
 def status(path: str, raw: bool) -> int:
     try:
-        doc = fetch_status(path)
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"appliance: cannot read status from {path}: {reason}", file=sys.stderr)
+        doc = LocalApi(path).status()
+    except (ApiUnavailable, ApiError) as exc:
+        print(f"appliance: cannot read status from {path}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     print(json.dumps(doc, indent=2) if raw else format_status(doc))
     return 0

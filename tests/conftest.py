@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from appliance.localclient import UnixHTTPConnection
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 READY_TIMEOUT = 30.0
@@ -37,7 +39,10 @@ def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition",
+    interval: float = 0.05,
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -45,8 +50,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 class Proc:
@@ -228,7 +233,7 @@ class Appliance:
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """One call to the local API over its Unix socket."""
-        conn = UnixHTTPConnection(str(self.socket_path))
+        conn = UnixHTTPConnection(str(self.socket_path), timeout=30)
         try:
             data = None if body is None else json.dumps(body)
             conn.request(method, path, body=data,
@@ -243,17 +248,6 @@ class Appliance:
         assert code == 200, doc
         return doc
 
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=30)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 @pytest.fixture
@@ -300,6 +294,18 @@ def make_appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
 def appliance(control_plane: ControlPlane, make_appliance: Callable[..., Appliance]) -> Appliance:
     """A running appliance daemon linked to the `control_plane` fixture."""
     return make_appliance(control_plane.url)
+
+
+def activate(cp: Any, app: Any, name: str = "demo", region: str = "us-west-2") -> str:
+    """Key from the appliance's port 80, create-gateway with the AWS CLI, seen by the daemon."""
+    status, _, body = app.get(f"/?activationRegion={region}&no_redirect")
+    assert status == 200, body
+    arn = cp.aws(
+        "create-gateway", "--activation-key", body.splitlines()[0],
+        "--gateway-display-name", name, "--gateway-type", "BACKUP_VM",
+    )["GatewayArn"]
+    wait_until(lambda: app.status()["gatewayArn"] == arn, what="activation seen by the daemon")
+    return str(arn)
 
 
 @pytest.fixture(name="wait_until")

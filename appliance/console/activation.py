@@ -11,8 +11,8 @@ import re
 from datetime import UTC, datetime
 
 from appliance import regions
-from appliance.console.api import ApiError, ApiUnavailable
 from appliance.console.context import Context
+from appliance.localclient import ApiError, ApiUnavailable
 from appliance.system.networkd import parse_hostname
 
 DEFAULT_REGION = "us-east-1"

@@ -26,10 +26,10 @@ from appliance.console import (
     shell,
     timemenu,
 )
-from appliance.console.api import DEFAULT_SOCKET, LocalApi
 from appliance.console.auth import USERNAME, PasswordFileError, PasswordStore, Throttle
 from appliance.console.context import Context
 from appliance.console.ui import Back, Terminal
+from appliance.localclient import DEFAULT_SOCKET, LocalApi
 from appliance.system import netinfo, resources
 from appliance.system.networkd import DEFAULT_DIR, NetworkdStore
 from appliance.system.timesync import DEFAULT_DROPIN, TimeSync

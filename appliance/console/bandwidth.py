@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from appliance.console.api import ApiError, ApiUnavailable
 from appliance.console.context import Context
 from appliance.console.ui import fit
+from appliance.localclient import ApiError, ApiUnavailable
 from appliance.schedule import Schedule, ScheduleError, format_rate
 
 TITLE = "Bandwidth schedule (times in UTC)"

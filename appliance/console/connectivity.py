@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from appliance.console.activation import ask_region
-from appliance.console.api import ApiError, ApiUnavailable
 from appliance.console.context import Context
+from appliance.localclient import ApiError, ApiUnavailable
 
 
 def run(ctx: Context) -> None:

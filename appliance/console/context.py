@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.console.api import ApiError, ApiUnavailable, LocalApi
 from appliance.console.auth import PasswordStore
 from appliance.console.ui import Back, Terminal
+from appliance.localclient import ApiError, ApiUnavailable, LocalApi
 from appliance.system.networkd import NetworkdStore
 from appliance.system.timesync import TimeSync
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from appliance.console.bandwidth import header_line, summary, when
+from tests.conftest import activate
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +21,6 @@ RATE = 100_000_000
 CLEAR = "\x1b[H\x1b[2J"
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
-
-def activate(cp, app, wait_until) -> str:
-    status, _, body = app.get("/?activationRegion=us-west-2&no_redirect")
-    assert status == 200, body
-    arn = cp.aws("create-gateway", "--activation-key", body.splitlines()[0],
-                 "--gateway-display-name", "bw", "--gateway-type", "BACKUP_VM")["GatewayArn"]
-    wait_until(lambda: app.status()["activated"], what="activation")
-    return arn
 
 
 def schedule_until_day_after_tomorrow() -> tuple[list[dict], datetime]:
@@ -60,7 +53,7 @@ def test_header_and_menu_7_show_the_limit_put_with_the_aws_cli(
     control_plane, appliance, console_factory, wait_until, tmp_path
 ) -> None:
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "bw")
     con = console_factory(app.socket_path)
     con.login()
     header = redraw(con)

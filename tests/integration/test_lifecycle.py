@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import activate
+
 pytestmark = pytest.mark.slow
 
 SCHEDULE = [
@@ -20,22 +22,12 @@ SCHEDULE = [
 ]
 
 
-def activate(cp: Any, app: Any, wait_until: Any, name: str = "demo") -> str:
-    status, _, body = app.get("/?activationRegion=us-west-2&no_redirect")
-    assert status == 200, body
-    arn = cp.aws(
-        "create-gateway", "--activation-key", body.splitlines()[0],
-        "--gateway-display-name", name, "--gateway-type", "BACKUP_VM",
-    )["GatewayArn"]
-    wait_until(lambda: app.status()["gatewayArn"] == arn, what="activation seen by the daemon")
-    return arn
-
 
 def test_rename_schedule_update_restart_delete(
     control_plane: Any, appliance: Any, wait_until: Any
 ) -> None:
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app)
     app.proc.wait_for_line(r"event=activated .*name=demo")
 
     # The heartbeat carries the software version: GetGateway shows it.
@@ -100,7 +92,7 @@ def test_deleted_identity_refused_by_control_plane_even_with_lost_state(
     """If the daemon's state file is lost but its identity kept, the control plane still
     refuses it: the page answers 410 and the daemon records the deletion."""
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app)
     app.stop()
     cp.aws("delete-gateway", "--gateway-arn", arn)
     (app.state_dir / "state.json").unlink()
@@ -131,7 +123,7 @@ def test_local_api_activation_key_and_errors(
     code, err = app.api("GET", "/v1/nothing")
     assert code == 404 and err["error"] == "NotFound"
 
-    arn = activate(control_plane, app, wait_until)
+    arn = activate(control_plane, app)
     code, err = app.api("POST", "/v1/activation-key", {})
     assert code == 409 and arn in err["message"]
 

@@ -9,7 +9,6 @@ the control plane wrote to its data directory, not just what it answered.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -21,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from appliance.localclient import UnixHTTPConnection
+from tests.conftest import activate
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +38,6 @@ def whole_week(rate: int) -> list[dict[str, Any]]:
         "DaysOfWeek": ALL_WEEK,
     }]
 
-
-def activate(cp: Any, app: Any, wait_until: Any, name: str = "uploads") -> str:
-    status, _, body = app.get("/?activationRegion=us-west-2&no_redirect")
-    assert status == 200, body
-    arn = cp.aws(
-        "create-gateway", "--activation-key", body.splitlines()[0],
-        "--gateway-display-name", name, "--gateway-type", "BACKUP_VM",
-    )["GatewayArn"]
-    wait_until(lambda: app.status()["gatewayArn"] == arn, what="activation seen by the daemon")
-    return arn
 
 
 def put_schedule(cp: Any, arn: str, intervals: list[dict[str, Any]]) -> None:
@@ -82,20 +74,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=60)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def raw_put(app: Any, name: str, body: bytes) -> tuple[int, dict[str, Any]]:
     """A plain PUT (no Expect header) with a Content-Length body, as curl would send it."""
-    conn = UnixHTTPConnection(str(app.socket_path))
+    conn = UnixHTTPConnection(str(app.socket_path), timeout=60)
     try:
         conn.request("PUT", name, body=body)
         resp = conn.getresponse()
@@ -108,7 +89,7 @@ def test_upload_lands_with_the_same_sha256_and_is_metered(
     control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
 ) -> None:
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "uploads")
     # A limit that makes the upload take a moment, so the meter is read while it runs.
     rate = 16_000_000
     put_schedule(cp, arn, whole_week(rate))
@@ -155,7 +136,7 @@ def test_upload_refused_before_activation_and_for_bad_names(
     assert status == 409 and doc["error"] == "NotActivated"
     assert not (cp.state_dir / "data").exists() or not stored(cp, "early.bin")
 
-    activate(cp, app, wait_until)
+    activate(cp, app, "uploads")
     for bad in ("..", "sp%20ace", "x" * 201):
         status, doc = raw_put(app, f"/v1/uploads/{bad}", b"abc")
         assert status == 400, (bad, doc)
@@ -175,7 +156,7 @@ def test_schedule_put_with_the_aws_cli_is_applied_within_5_seconds(
     control_plane: Any, appliance: Any, wait_until: Any
 ) -> None:
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "uploads")
     assert limit(app) is None
     for rate in (104_857_600, 51_200):
         put_schedule(cp, arn, whole_week(rate))
@@ -189,7 +170,7 @@ def test_schedule_enforced_across_a_restart_while_the_control_plane_is_down(
     control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
 ) -> None:
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "uploads")
     first, second = 20_000_000, 300_000_000
     put_schedule(cp, arn, whole_week(first))
     wait_until(lambda: limit(app) == first, what="first schedule applied")
@@ -224,7 +205,7 @@ def test_local_client_cut_off_mid_upload_leaves_nothing(
     """The local client sends half its declared body and disconnects: the daemon must not
     let the control plane store a truncated file, and must stay up."""
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "uploads")
     put_schedule(cp, arn, whole_week(8_000_000))
     wait_until(lambda: limit(app) == 8_000_000, what="schedule applied")
     mark = len(app.proc.lines)
@@ -245,7 +226,7 @@ def test_concurrent_uploads_share_the_shaper(
     control_plane: Any, appliance: Any, wait_until: Any, tmp_path: Path
 ) -> None:
     cp, app = control_plane, appliance
-    activate(cp, app, wait_until)
+    activate(cp, app, "uploads")
     paths = []
     for i in range(3):
         p = tmp_path / f"part{i}.bin"
@@ -269,7 +250,7 @@ def test_stop_during_a_slow_upload_cuts_it_and_keeps_nothing(
 ) -> None:
     """At the API minimum a 1 MB upload takes minutes: SIGTERM must not wait for it."""
     cp, app = control_plane, appliance
-    arn = activate(cp, app, wait_until)
+    arn = activate(cp, app, "uploads")
     put_schedule(cp, arn, whole_week(51_200))
     wait_until(lambda: limit(app) == 51_200, what="schedule applied")
     data = tmp_path / "slow.bin"

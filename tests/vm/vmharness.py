@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import free_port  # noqa: E402
+from tests.conftest import wait_until as poll  # noqa: E402
 from tools.image.vm import VmConfig, make_overlay  # noqa: E402
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Call `predicate` until it returns something truthy; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class GuestAgentError(Exception):

@@ -1,7 +1,8 @@
 """Client of the daemon's local API: HTTP/1.1 over a Unix socket (docs/local-api.md).
 
-stdlib http.client with a Unix-socket connection: the console is a sequence of blocking
-prompts, so a blocking client is the simplest correct one. Every failure becomes ApiError or
+One client for the console, the `appliance status` command and the tests. It is stdlib
+http.client with a Unix-socket connection: the console is a sequence of blocking prompts, so
+a blocking client is the simplest correct one. Every failure becomes ApiError or
 ApiUnavailable with a message fit for the screen.
 """
 
@@ -30,8 +31,10 @@ class ApiError(Exception):
         self.field = field
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An http.client connection to a Unix socket instead of a TCP port."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -52,7 +55,7 @@ class LocalApi:
 
     def _call(self, method: str, path: str, body: dict | None = None,
               timeout: float = 10.0) -> dict[str, Any]:
-        conn = _UnixConnection(self.socket_path, timeout)
+        conn = UnixHTTPConnection(self.socket_path, timeout)
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
