@@ -2,7 +2,7 @@
 # Install the Debian packages the build, the VM boot and the tests need; a no-op when present.
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc make qemu-system-x86 qemu-utils ovmf packer mmdebstrap
-      grub-pc-bin systemd-boot-efi mtools dosfstools e2fsprogs fdisk openssh-client curl)
+      mtools dosfstools e2fsprogs fdisk openssh-client curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
