@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vmharness import REPO, ControlPlane, Guest  # type: ignore[import-not-found]
@@ -75,3 +76,19 @@ def bios_guest(appliance_disk: Path, vm_workdir: Path, vm_control_plane: Control
         yield guest
     finally:
         guest.stop()
+
+
+FIGURES: list[str] = []
+
+
+@pytest.fixture(name="figure")
+def figure_fixture() -> Callable[[str], None]:
+    """Record a measured figure; `make test` prints them all at the end, where CI shows them."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

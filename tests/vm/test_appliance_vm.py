@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 RECORD: dict[str, object] = {}
 
 
-def test_bios_boot_reaches_the_activation_endpoint(bios_guest: Guest) -> None:
+def test_bios_boot_reaches_the_activation_endpoint(bios_guest: Guest, figure) -> None:
     seconds, key = bios_guest.wait_for_key()
-    print(f"\nboot-to-ready (BIOS, power-on to a key on port 80): {seconds:.1f} s")
+    figure(f"boot-to-ready (BIOS, power-on to a key on port 80): {seconds:.1f} s")
     assert KEY_RE.match(key)
 
 
@@ -133,11 +133,11 @@ def _status_or_none(guest: Guest) -> dict[str, object] | None:
 
 
 def test_uefi_fresh_boot_has_its_own_identity(appliance_disk, vm_workdir, vm_control_plane,
-                                              accel: str) -> None:
+                                              accel: str, figure) -> None:
     guest = Guest("uefi", appliance_disk, vm_workdir, vm_control_plane.port, "uefi", accel)
     try:
         seconds, key = guest.wait_for_key()
-        print(f"\nboot-to-ready (UEFI, fresh disk, power-on to a key on port 80): {seconds:.1f} s")
+        figure(f"boot-to-ready (UEFI, fresh disk, power-on to a key on port 80): {seconds:.1f} s")
         assert KEY_RE.match(key)
         guest.qga.sync(timeout=120)
         assert guest.qga.sh("test -d /sys/firmware/efi && echo uefi").strip() == "uefi"

@@ -39,12 +39,12 @@ def ova(appliance_ova: Path) -> dict[str, object]:
             "disk_header": header, "size_mib": appliance_ova.stat().st_size / 2**20}
 
 
-def test_tar_holds_ovf_then_manifest_then_disk(ova: dict) -> None:
+def test_tar_holds_ovf_then_manifest_then_disk(ova: dict, figure) -> None:
     names = [m.name for m in ova["members"]]
     assert len(names) == 3
     assert names[0].endswith(".ovf") and names[1].endswith(".mf") and names[2].endswith(".vmdk")
     assert all(m.isfile() and "/" not in m.name for m in ova["members"])
-    print(f"\nOVA size: {ova['size_mib']:.1f} MiB")
+    figure(f"OVA size: {ova['size_mib']:.1f} MiB")
 
 
 def test_manifest_hashes_match(ova: dict) -> None:
