@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.console.auth import PasswordStore
 from appliance.console.ui import Back, Terminal
 from appliance.localclient import ApiError, ApiUnavailable, LocalApi
-from appliance.system.networkd import NetworkdStore
-from appliance.system.timesync import TimeSync
+from appliance.system.networkd import NetworkConfigError, NetworkdStore
+from appliance.system.timesync import TimeConfigError, TimeSync
 
 
 @dataclass
@@ -47,3 +47,16 @@ class Context:
                 actions[choice](self)
             except Back:
                 continue
+
+    def apply(self, question: str, change: Callable[[], Iterable[str]]) -> None:
+        """Ask `question [y/n]`; only on yes make the change, showing its lines or its failure."""
+        term = self.term
+        if not term.confirm(question):
+            term.say("Nothing was changed.")
+        else:
+            try:
+                for line in change():
+                    term.say(line)
+            except (NetworkConfigError, TimeConfigError) as exc:
+                term.say(f"[FAILED] {exc}")
+        term.pause()

@@ -13,7 +13,6 @@ from appliance.console.ui import Back
 from appliance.system import netinfo
 from appliance.system.networkd import (
     AdapterConfig,
-    NetworkConfigError,
     parse_dns,
     parse_gateway,
     parse_hostname,
@@ -95,16 +94,7 @@ def _apply(ctx: Context, cfg: AdapterConfig) -> None:
     ctx.term.say("")
     for line in cfg.describe():
         ctx.term.say(line)
-    if not ctx.term.confirm("Apply config"):
-        ctx.term.say("Nothing was changed.")
-        ctx.term.pause()
-        return
-    try:
-        for line in ctx.network.save(cfg):
-            ctx.term.say(line)
-    except NetworkConfigError as exc:
-        ctx.term.say(f"[FAILED] {exc}")
-    ctx.term.pause()
+    ctx.apply("Apply config", lambda: ctx.network.save(cfg))
 
 
 def dhcp(ctx: Context) -> None:
@@ -177,16 +167,7 @@ def hostname(ctx: Context) -> None:
     term.say(f"Current hostname: {socket.gethostname()}")
     name = term.ask_valid("New hostname: ", parse_hostname)
     assert name is not None
-    if not term.confirm(f"Set the hostname to {name}. Apply config"):
-        term.say("Nothing was changed.")
-        term.pause()
-        return
-    try:
-        for line in ctx.network.set_hostname(name):
-            term.say(line)
-    except NetworkConfigError as exc:
-        term.say(f"[FAILED] {exc}")
-    term.pause()
+    ctx.apply(f"Set the hostname to {name}. Apply config", lambda: ctx.network.set_hostname(name))
 
 
 def reset(ctx: Context) -> None:
@@ -197,16 +178,7 @@ def reset(ctx: Context) -> None:
     names = [a.name for a in netinfo.list_adapters()]
     term.say("Every adapter (" + ", ".join(names) + ") will use DHCP for IPv4 and IPv6,")
     term.say("and DNS servers set here are dropped.")
-    if not term.confirm("Apply config"):
-        term.say("Nothing was changed.")
-        term.pause()
-        return
-    try:
-        for line in ctx.network.reset_all(names):
-            term.say(line)
-    except NetworkConfigError as exc:
-        term.say(f"[FAILED] {exc}")
-    term.pause()
+    ctx.apply("Apply config", lambda: ctx.network.reset_all(names))
 
 
 def view_dns(ctx: Context) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from appliance.console.context import Context
-from appliance.system.timesync import DRIFT_WARNING_SECONDS, TimeConfigError, parse_server
+from appliance.system.timesync import DRIFT_WARNING_SECONDS, parse_server
 
 MENU = [
     ("1", "View and synchronize system time"),
@@ -72,13 +72,4 @@ def edit_servers(ctx: Context) -> None:
                                allow_empty=True)
     servers = [preferred] + ([secondary] if secondary else [])
     term.say("NTP servers: " + ", ".join(servers))
-    if not term.confirm("Apply config"):
-        term.say("Nothing was changed.")
-        term.pause()
-        return
-    try:
-        for line in ctx.time.save_servers(servers):
-            term.say(line)
-    except TimeConfigError as exc:
-        term.say(f"[FAILED] {exc}")
-    term.pause()
+    ctx.apply("Apply config", lambda: ctx.time.save_servers(servers))
