@@ -19,6 +19,7 @@ from urllib.parse import quote
 from appliance import config
 from appliance.config import ConfigError
 from appliance.localclient import ApiError, ApiUnavailable, LocalApi
+from appliance.schedule import format_rate
 from appliance.version import __version__
 
 EXIT_RUNTIME = 1
@@ -143,9 +144,9 @@ def format_status(doc: dict[str, Any]) -> str:
         ("  reachable", _yes(cp.get("reachable"))),
         ("  last contact", cp.get("lastContact") or "never"),
         ("  last error", cp.get("lastError") or "-"),
-        ("Upload limit", f"{limit} bit/s" if limit else "none"),
+        ("Upload limit", f"{format_rate(limit)} ({limit} bit/s)" if limit else "none"),
         ("  next change", shaping.get("nextChange") or "-"),
-        ("  uploading", f"{shaping.get('achievedBitsPerSec') or 0:.0f} bit/s"),
+        ("  uploading", format_rate(round(shaping.get("achievedBitsPerSec") or 0))),
     ]
     if doc.get("deletedGatewayArn"):
         rows.insert(4, ("Deleted gateway", doc["deletedGatewayArn"]))
