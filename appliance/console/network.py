@@ -7,6 +7,7 @@ change is then written as a systemd-networkd file by appliance/system/networkd.p
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from appliance.console.context import Context
 from appliance.console.ui import Back
@@ -119,6 +120,16 @@ def dhcp(ctx: Context) -> None:
     _apply(ctx, cfg)
 
 
+def _ask_static(ctx: Context, version: int, example: str) -> tuple[Any, Any]:
+    """One family's static address/prefix and its gateway (None), each checked as typed."""
+    iface = ctx.term.ask_valid(f"IPv{version} address/prefix (e.g. {example}): ",
+                               lambda t: parse_interface(t, version))
+    assert iface is not None
+    gateway = ctx.term.ask_valid(f"IPv{version} default gateway (Return for none): ",
+                                 lambda t: parse_gateway(t, iface), allow_empty=True)
+    return iface, gateway
+
+
 def static(ctx: Context) -> None:
     term = ctx.term
     term.clear()
@@ -128,22 +139,12 @@ def static(ctx: Context) -> None:
     cfg = AdapterConfig(name)
     if term.confirm("Configure a static IPv4 address"):
         cfg.ipv4_dhcp = False
-        cfg.ipv4_address = term.ask_valid(  # type: ignore[assignment]
-            "IPv4 address/prefix (e.g. 192.168.1.20/24): ", lambda t: parse_interface(t, 4))
-        iface4 = cfg.ipv4_address
-        assert iface4 is not None
-        cfg.ipv4_gateway = term.ask_valid(  # type: ignore[assignment]
-            "IPv4 default gateway (Return for none): ", lambda t: parse_gateway(t, iface4),
-            allow_empty=True)
+        cfg.ipv4_address, cfg.ipv4_gateway = _ask_static(  # type: ignore[assignment]
+            ctx, 4, "192.168.1.20/24")
     if term.confirm("Configure a static IPv6 address"):
         cfg.ipv6_dhcp = False
-        cfg.ipv6_address = term.ask_valid(  # type: ignore[assignment]
-            "IPv6 address/prefix (e.g. 2001:db8::20/64): ", lambda t: parse_interface(t, 6))
-        iface6 = cfg.ipv6_address
-        assert iface6 is not None
-        cfg.ipv6_gateway = term.ask_valid(  # type: ignore[assignment]
-            "IPv6 default gateway (Return for none): ", lambda t: parse_gateway(t, iface6),
-            allow_empty=True)
+        cfg.ipv6_address, cfg.ipv6_gateway = _ask_static(  # type: ignore[assignment]
+            ctx, 6, "2001:db8::20/64")
     primary = term.ask_valid("Primary DNS server (Return for DNS from DHCP): ", parse_dns,
                              allow_empty=True)
     if primary is not None:

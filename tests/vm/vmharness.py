@@ -34,6 +34,17 @@ BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-3
 
 
 
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, 20 s to exit cleanly, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class GuestAgentError(Exception):
     pass
 
@@ -205,13 +216,7 @@ class Guest:
 
     def stop(self) -> None:
         self.qga.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.qemu_log.close()
         for path in (self.serial_socket, self.qga.path):
             path.unlink(missing_ok=True)
@@ -260,11 +265,5 @@ class ControlPlane:
         return json.loads(done.stdout) if done.stdout.strip() else {}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
