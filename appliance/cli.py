@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from appliance import config
+from appliance import config, logfmt
 from appliance.config import ConfigError
 from appliance.localclient import ApiError, ApiUnavailable, LocalApi
 from appliance.schedule import format_rate
@@ -27,12 +27,7 @@ EXIT_USAGE = 2
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logfmt.setup(logging.INFO)
 
 
 def _parser() -> argparse.ArgumentParser:

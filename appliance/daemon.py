@@ -192,7 +192,7 @@ class Daemon:
         try:
             schedule = Schedule.from_api(intervals)
         except ScheduleError as exc:
-            log.error("event=schedule_rejected reason=%r", str(exc))
+            log.error("event=schedule_rejected reason=%s", str(exc))
             return False
         self.shaper.set_schedule(schedule)
         if not at_start:
@@ -215,12 +215,12 @@ class Daemon:
                 req.region, req.endpoint_type, req.ip_version, req.vpc_endpoint
             )
         except Unreachable as exc:
-            log.warning("event=key_failed reason=%r", str(exc))
+            log.warning("event=key_failed reason=%s", str(exc))
             raise KeyRefused(504, str(exc), "ControlPlaneUnreachable") from None
         except Refused as exc:
             return self._key_refused(exc)
         except LinkError as exc:
-            log.warning("event=key_failed reason=%r", str(exc))
+            log.warning("event=key_failed reason=%s", str(exc))
             raise KeyRefused(502, f"control plane answer not understood: {exc}", exc.code) from None
         if not self.state.registered:
             self._save(registered=True)
@@ -244,7 +244,7 @@ class Daemon:
         if exc.code == "GatewayDeleted":
             self._forget(exc.gateway_arn)
             raise KeyRefused(410, self._deleted_message(exc.gateway_arn), exc.code)
-        log.warning("event=key_refused code=%s reason=%r", exc.code, str(exc))
+        log.warning("event=key_refused code=%s reason=%s", exc.code, str(exc))
         raise KeyRefused(502, f"control plane refused the key request: {exc.code}: {exc}", exc.code)
 
     @staticmethod
@@ -357,7 +357,7 @@ class Daemon:
             except LinkError as exc:
                 quick = True
                 delay = backoff.next_delay()
-                log.warning("event=link_retry delay=%.1f reason=%r", delay, str(exc))
+                log.warning("event=link_retry delay=%.1f reason=%s", delay, str(exc))
                 await sleep_or_wake(self._wake_poll, delay)
                 continue
             if backoff.attempt:
@@ -369,7 +369,7 @@ class Daemon:
                 self.apply_poll(answer)
             except OSError as exc:  # e.g. a full disk: keep the old state, retry the poll
                 delay = backoff.next_delay()
-                log.error("event=state_write_failed delay=%.1f reason=%r", delay, str(exc))
+                log.error("event=state_write_failed delay=%.1f reason=%s", delay, str(exc))
                 await sleep_or_wake(self._wake_poll, delay)
 
     def apply_poll(self, answer: PollAnswer) -> None:

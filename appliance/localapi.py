@@ -101,7 +101,7 @@ def make_app(daemon: Daemon) -> web.Application:
         return web.json_response(daemon.shaper.status())
 
     def refused(name: str, exc: UploadRefused) -> web.Response:
-        log.warning("event=upload_refused name=%r status=%d error=%s", name[:200], exc.status,
+        log.warning("event=upload_refused name=%s status=%d error=%s", name[:200], exc.status,
                     exc.code)
         return error(exc.status, exc.code, str(exc), exc.field)
 

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from appliance import logfmt
 from controlplane import credentials
 from controlplane.server import ControlPlane
 
@@ -62,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
     if args.command == "env":
         return _env(state_dir, creds_file)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level,
-        format="%(asctime)s level=%(levelname)s %(message)s",
-    )
+    logfmt.setup(args.log_level, "%(asctime)s level=%(levelname)s %(message)s")
     try:
         plane = ControlPlane(state_dir, creds_file, args.data_dir)
     except (credentials.CredentialsError, OSError) as exc:

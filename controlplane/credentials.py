@@ -118,6 +118,6 @@ class CredentialFile:
         except (OSError, CredentialsError) as exc:
             # Keep serving the last good keys rather than locking everyone out on a bad edit.
             if self._stamp != (-1, -1):
-                log.warning("event=credentials_unreadable keeping=last_good error=%r", str(exc))
+                log.warning("event=credentials_unreadable keeping=last_good error=%s", str(exc))
                 self._stamp = (-1, -1)
         return self._keys.get(access_key)

@@ -154,7 +154,7 @@ class GatewayLink:
                 status, payload = await handler(request)
             except LinkError as err:
                 log.info(
-                    "event=link_refused path=%s status=%d error=%s message=%r",
+                    "event=link_refused path=%s status=%d error=%s message=%s",
                     request.path, err.status, err.code, err.message,
                 )
                 body = {"error": err.code, "message": err.message, **err.extra}

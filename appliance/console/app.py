@@ -30,6 +30,7 @@ from appliance.console.auth import USERNAME, PasswordFileError, PasswordStore, T
 from appliance.console.context import Context
 from appliance.console.ui import Back, Terminal
 from appliance.localclient import DEFAULT_SOCKET, LocalApi
+from appliance.logfmt import EscapingFilter
 from appliance.system import netinfo, resources
 from appliance.system.networkd import DEFAULT_DIR, NetworkdStore
 from appliance.system.timesync import DEFAULT_DROPIN, TimeSync
@@ -70,6 +71,7 @@ def _setup_logging(log_file: str | None) -> None:
     else:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("appliance-console %(levelname)s %(message)s"))
+    handler.addFilter(EscapingFilter())
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -177,7 +179,7 @@ def login(ctx: Context, throttle: Throttle) -> bool:
         return False
     if not ok:
         delay = throttle.failed()
-        log.warning("event=console_login_failed user=%r failures=%d", user[:32],
+        log.warning("event=console_login_failed user=%s failures=%d", user[:32],
                     throttle.failures)
         term.say("Login incorrect.")
         if delay:
