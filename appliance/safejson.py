@@ -21,6 +21,8 @@ class JsonError(ValueError):
 
 
 def check_depth(body: bytes, max_depth: int = MAX_DEPTH) -> None:
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return  # cannot be nested deeper: skip the scan (the common case, at C speed)
     depth = 0
     for match in _TOKENS.finditer(body):
         token = match.group()
