@@ -1,11 +1,20 @@
-"""Menu 6, Command prompt: the restricted diagnostics prompt (appliance/system/restricted.py)."""
+"""Menu 6, Command prompt: the restricted diagnostics prompt.
+
+What a line may contain, and how a child program is started (stdin /dev/null, as nobody with
+only the capabilities it needs), is decided in appliance/system/restricted.py; this module only
+reads lines, shows refusals and help, and dispatches.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from appliance.console.auth import PasswordFileError, check_new_password
 from appliance.console.context import Context
 from appliance.console.ui import Back
 from appliance.system import restricted
+
+log = logging.getLogger(__name__)
 
 
 def change_password(ctx: Context, forced: bool = False) -> bool:
@@ -41,6 +50,13 @@ def _passwd(ctx: Context) -> None:
     change_password(ctx)
 
 
+def _logged_name(line: str) -> str:
+    """The command word of a refused line when it is a known command; never free text, which
+    could be a password typed at the wrong prompt."""
+    words = line.split(maxsplit=1)
+    return words[0] if words and words[0] in restricted.COMMANDS else "other"
+
+
 def run(ctx: Context) -> None:
     term = ctx.term
     term.clear()
@@ -53,6 +69,7 @@ def run(ctx: Context) -> None:
         try:
             cmd = restricted.parse(line)
         except restricted.CommandRefused as exc:
+            log.info("event=restricted_refused command=%s", _logged_name(line))
             term.say(str(exc))
             continue
         if cmd is None:
@@ -63,7 +80,7 @@ def run(ctx: Context) -> None:
             if cmd.name == "h":
                 term.say(restricted.help_text())
             elif cmd.name == "man":
-                term.say(restricted.man_text(cmd.args[0]) if cmd.args else "Usage: man COMMAND")
+                term.say(restricted.man_text(cmd.args[0]))  # parse() made sure there is one
             elif cmd.name == "ncport":
                 term.say(restricted.ncport(cmd.args))
             elif cmd.name == "passwd":
