@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--name", default=None,
                         help="name to store it under (default: FILE's base name; "
                              "1-200 characters of A-Z a-z 0-9 . _ -)")
+    upload.add_argument("--replace", action="store_true",
+                        help="replace an object already stored under NAME (otherwise refused)")
     upload.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
 
     sub.add_parser("console", help="the local console (options: --socket, --password-file)",
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "upload":
-        return upload_file(args.file, args.name or args.file.name, args.socket)
+        return upload_file(args.file, args.name or args.file.name, args.socket, args.replace)
     return status(args.socket, args.json)
 
 
@@ -180,7 +182,8 @@ async def _file_pieces(f: Any, sent: _Sent) -> Any:
         yield chunk
 
 
-async def _put_file(f: Any, name: str, sock: str, sent: _Sent) -> tuple[int, Any]:
+async def _put_file(f: Any, name: str, sock: str, sent: _Sent,
+                    replace: bool = False) -> tuple[int, Any]:
     import aiohttp
 
     # Expect: 100-continue: a refusal (bad name, not activated) arrives before any byte of
@@ -189,7 +192,8 @@ async def _put_file(f: Any, name: str, sock: str, sent: _Sent) -> tuple[int, Any
     async with aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=sock), timeout=timeout
     ) as session, session.put(
-        f"http://localhost/v1/uploads/{quote(name, safe='')}",
+        f"http://localhost/v1/uploads/{quote(name, safe='')}"
+        + ("?replace=true" if replace else ""),
         data=_file_pieces(f, sent), expect100=True,
         headers={"Content-Type": "application/octet-stream"},
     ) as resp:
@@ -200,7 +204,18 @@ async def _put_file(f: Any, name: str, sock: str, sent: _Sent) -> tuple[int, Any
             return resp.status, {"error": f"HTTP{resp.status}", "message": text[:200]}
 
 
-def upload_file(path: Path, name: str, sock: str) -> int:
+def _refusal_line(name: str, code: int, doc: dict[str, Any]) -> str:
+    """One line for a refused upload; for AlreadyExists it names what is stored."""
+    existing = doc.get("existing")
+    if doc.get("error") == "AlreadyExists" and isinstance(existing, dict):
+        return (f"appliance: upload of {name} refused: {code} AlreadyExists: "
+                f"{existing.get('name')} is already stored ({existing.get('size')} bytes, "
+                f"sha256 {existing.get('sha256')}, stored {existing.get('storedAt')}); "
+                "use --replace to replace it")
+    return f"appliance: upload of {name} refused: {code} {doc.get('error')}: {doc.get('message')}"
+
+
+def upload_file(path: Path, name: str, sock: str, replace: bool = False) -> int:
     """Stream one file to the local API's PUT /v1/uploads/{name}; one line of result."""
     import aiohttp
 
@@ -212,7 +227,7 @@ def upload_file(path: Path, name: str, sock: str) -> int:
     sent = _Sent()
     try:
         with f:
-            code, doc = asyncio.run(_put_file(f, name, sock, sent))
+            code, doc = asyncio.run(_put_file(f, name, sock, sent, replace))
     except (aiohttp.ClientError, OSError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         print(f"appliance: upload of {name} failed: cannot talk to the daemon at {sock}: "
@@ -221,8 +236,7 @@ def upload_file(path: Path, name: str, sock: str) -> int:
     if not isinstance(doc, dict):
         doc = {}
     if code != 201:
-        print(f"appliance: upload of {name} refused: {code} {doc.get('error')}: "
-              f"{doc.get('message')}", file=sys.stderr)
+        print(_refusal_line(name, code, doc), file=sys.stderr)
         return EXIT_RUNTIME
     digest = sent.hash.hexdigest()
     if doc.get("sha256") != digest or doc.get("size") != sent.size:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -28,6 +29,11 @@ H_CONTENT_SHA256 = "X-Gateway-Content-SHA256"
 H_SIGNATURE = "X-Gateway-Signature"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 MAX_SKEW_SECONDS = 300
+# ASCII digits only: str.isdigit() is also true for superscripts such as '²', which int()
+# refuses (that was a 500), and for other scripts' digits, which it reads.
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+_HEX_RE = re.compile(r"[0-9a-f]+")
+KEY_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class LinkAuthError(Exception):
@@ -41,6 +47,11 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
 def key_id(public_raw: bytes) -> str:
     """The short, stable name of an identity: the first 32 hex digits of SHA-256(public key)."""
     return hashlib.sha256(public_raw).hexdigest()[:32]
+
+
+def is_key_id(text: str) -> bool:
+    """Whether `text` has the shape of a key id (checked before it is looked up anywhere)."""
+    return bool(KEY_ID_RE.fullmatch(text))
 
 
 def encode_public_key(public_raw: bytes) -> str:
@@ -108,15 +119,15 @@ def verify(
         raise LinkAuthError(f"missing header {exc.args[0]}") from None
     except (binascii.Error, ValueError):
         raise LinkAuthError(f"{H_SIGNATURE} is not valid base64") from None
-    if not ts.isdigit():
+    if not _TIMESTAMP_RE.fullmatch(ts):
         raise LinkAuthError(f"{H_TIMESTAMP} must be whole seconds since the epoch")
     current = time.time() if now is None else now
     if abs(current - int(ts)) > MAX_SKEW_SECONDS:
         raise LinkAuthError(f"{H_TIMESTAMP} is more than {MAX_SKEW_SECONDS}s from the server clock")
-    if not (16 <= len(nonce) <= 64) or not all(c in "0123456789abcdef" for c in nonce):
+    if not (16 <= len(nonce) <= 64) or not _HEX_RE.fullmatch(nonce):
         raise LinkAuthError(f"{H_NONCE} must be 16-64 lowercase hex digits")
     if content != UNSIGNED_PAYLOAD and (
-        len(content) != 64 or not all(c in "0123456789abcdef" for c in content)
+        len(content) != 64 or not _HEX_RE.fullmatch(content)
     ):
         raise LinkAuthError(f"{H_CONTENT_SHA256} must be 64 hex digits or {UNSIGNED_PAYLOAD}")
     try:

@@ -8,17 +8,17 @@ never aiohttp's HTML pages, so the console can always show `message`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from appliance import regions
+from appliance import regions, safejson
 from appliance.activation import ENDPOINT_TYPES, KeyRefused, ParamError, parse_params
 
 if TYPE_CHECKING:
@@ -32,9 +32,10 @@ PROBE_TIMEOUT = 3.0
 ACTIVATION_FIELDS = ("activationRegion", "gatewayType", "endpointType", "ipVersion", "vpcEndpoint")
 
 
-def error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+def error(status: int, code: str, message: str, field: str | None = None,
+          **extra: Any) -> web.Response:
     return web.json_response(
-        {"error": code, "message": message, "field": field}, status=status
+        {"error": code, "message": message, "field": field, **extra}, status=status
     )
 
 
@@ -57,16 +58,50 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    text = await request.text()
-    if not text.strip():
-        return {}
+    """The body as a JSON object; ParamError (400, field `body`) for anything else.
+
+    Bytes, not `request.text()`: a body that is not UTF-8 must be a 400, not a decode error.
+    """
     try:
-        body = json.loads(text)
-    except ValueError:
-        raise ParamError("body", "body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ParamError("body", "body must be a JSON object")
-    return body
+        return safejson.loads_object(await request.read())
+    except safejson.JsonError as exc:
+        raise ParamError("body", f"body must be a JSON object: {exc}") from None
+
+
+def _replace_param(request: web.Request) -> bool:
+    """`?replace=true|false` of an upload; ParamError names the bad parameter."""
+    unknown = sorted(set(request.query) - {"replace"})
+    if unknown:
+        raise ParamError(unknown[0], f"unknown parameter {unknown[0]!r}; only replace=true|false")
+    values = request.query.getall("replace", [])
+    if len(values) > 1 or (values and values[0] not in ("true", "false")):
+        raise ParamError("replace", "replace must be given once, as true or false")
+    return bool(values) and values[0] == "true"
+
+
+async def _continued(request: web.Request) -> Any:
+    """The upload body, read only once the control plane has accepted the upload.
+
+    A client that sent `Expect: 100-continue` gets its `100 Continue` here, on the first
+    read, so a refusal by the control plane (e.g. AlreadyExists) reaches it before it has
+    sent a byte of its body.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # an error answer may still follow
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def plain_expect(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default Expect handling, with the JSON error of this API for other values."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error(417, "ExpectationFailed", "only 'Expect: 100-continue' is understood",
+                     "Expect")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
 
 
 def make_app(daemon: Daemon) -> web.Application:
@@ -103,31 +138,38 @@ def make_app(daemon: Daemon) -> web.Application:
     def refused(name: str, exc: UploadRefused) -> web.Response:
         log.warning("event=upload_refused name=%s status=%d error=%s", name[:200], exc.status,
                     exc.code)
-        return error(exc.status, exc.code, str(exc), exc.field)
+        extra = {"existing": exc.existing} if exc.existing is not None else {}
+        return error(exc.status, exc.code, str(exc), exc.field, **extra)
 
     async def upload_expect(request: web.Request) -> web.StreamResponse | None:
-        """`Expect: 100-continue`: refuse a bad name or an unactivated gateway before the
-        client sends a byte of its body; otherwise let it send."""
+        """`Expect: 100-continue`: refuse a bad name, a bad query or an unactivated gateway
+        at once; otherwise go on to `upload`, which sends `100 Continue` only when the
+        control plane has accepted the upload too."""
         name = request.match_info["name"]
         refusal = daemon.upload_refusal(name)
         if refusal is not None:
             return refused(name, refusal)
+        try:
+            _replace_param(request)
+        except ParamError as exc:
+            return error(400, "ValidationError", str(exc), exc.param)
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error(417, "ExpectationFailed", "only 'Expect: 100-continue' is understood",
                          "Expect")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
         return None
 
     async def upload(request: web.Request) -> web.Response:
         from appliance.daemon import UploadRefused
 
         name = request.match_info["name"]
+        try:
+            replace = _replace_param(request)
+        except ParamError as exc:
+            return error(400, "ValidationError", str(exc), exc.param)
         # Streamed: aiohttp's reader stops reading the socket while the shaper holds a piece
         # back, so the local client is slowed to the limit instead of filling memory.
-        source = request.content.iter_any()
         try:
-            result = await daemon.upload(name, source)
+            result = await daemon.upload(name, _continued(request), replace=replace)
         except UploadRefused as exc:
             return refused(name, exc)
         return web.json_response(
@@ -160,13 +202,46 @@ def make_app(daemon: Daemon) -> web.Application:
         )
         return web.json_response({"results": results})
 
-    app.router.add_get("/v1/status", status)
-    app.router.add_post("/v1/activation-key", activation_key)
-    app.router.add_get("/v1/schedule", schedule)
-    app.router.add_get("/v1/shaping", shaping)
-    app.router.add_post("/v1/connectivity-test", connectivity)
-    app.router.add_put("/v1/uploads/{name}", upload, expect_handler=upload_expect)
+    route(app, "/v1/status", {"GET": status})
+    route(app, "/v1/activation-key", {"POST": activation_key})
+    route(app, "/v1/schedule", {"GET": schedule})
+    route(app, "/v1/shaping", {"GET": shaping})
+    route(app, "/v1/connectivity-test", {"POST": connectivity})
+    route(app, "/v1/uploads/{name}", {"PUT": upload}, upload_expect)
+
+    async def unknown(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound()
+
+    app.router.add_route("*", "/{tail:.*}", unknown, expect_handler=plain_expect)
     return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def route(app: web.Application, path: str, handlers: dict[str, Handler],
+          expect: ExpectHandler = plain_expect) -> None:
+    """One path, every method: the 405 and a bad `Expect` are answered in this API's JSON.
+
+    aiohttp answers a wrong method, and an `Expect` on it, before any middleware runs (in
+    plain text); routing every method here keeps those answers in the documented shape.
+    """
+    if "GET" in handlers:
+        handlers = {**handlers, "HEAD": handlers["GET"]}
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        handler = handlers.get(request.method)
+        if handler is None:
+            raise web.HTTPMethodNotAllowed(request.method, set(handlers))
+        return await handler(request)
+
+    async def on_expect(request: web.Request) -> web.StreamResponse | None:
+        if request.method not in handlers:
+            return None  # dispatch answers 405 without reading a body
+        return await (expect if request.method != "HEAD" else plain_expect)(request)
+
+    app.router.add_route("*", path, dispatch, expect_handler=on_expect)
 
 
 async def _probe_dns(host: str, port: int) -> tuple[dict[str, Any], list[Any]]:

@@ -23,12 +23,14 @@ class ApiUnavailable(Exception):
 class ApiError(Exception):
     """The daemon answered with an error body."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None,
+                 existing: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.existing = existing  # 409 AlreadyExists: {name, size, sha256, storedAt}
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -82,8 +84,10 @@ class LocalApi:
         if resp.status >= 400:
             if not isinstance(data, dict):
                 data = {}
+            existing = data.get("existing")
             raise ApiError(resp.status, str(data.get("error", f"HTTP{resp.status}")),
-                           str(data.get("message", resp.reason)), data.get("field"))
+                           str(data.get("message", resp.reason)), data.get("field"),
+                           existing if isinstance(existing, dict) else None)
         if not isinstance(data, dict):
             raise ApiUnavailable("the daemon answered with an unexpected body")
         return data

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -35,13 +36,18 @@ class UploadError(Exception):
     """The upload was refused or its result does not match what was sent.
 
     `code` is the control plane's error name (`InvalidSignature`, `NotActivated`,
-    `ChecksumMismatch`, ...) or `BadResponse`; `status` the HTTP status (0 if none).
+    `ChecksumMismatch`, `AlreadyExists`, ...) or `BadResponse`; `status` the HTTP status (0
+    if none); `message` the one line; `existing` the object already stored under the name
+    (`name`, `size`, `sha256`, `storedAt`) when the code is AlreadyExists.
     """
 
-    def __init__(self, code: str, message: str, status: int = 0):
+    def __init__(self, code: str, message: str, status: int = 0,
+                 existing: dict[str, Any] | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.message = message
         self.status = status
+        self.existing = existing
 
 
 @dataclass(frozen=True)
@@ -140,22 +146,29 @@ async def upload(
     *,
     content_sha256: str | None = None,
     verify: bool = True,
+    replace: bool = False,
 ) -> UploadResult:
     """PUT `source` as `name`; return what the server stored. Raises UploadError.
 
     `content_sha256`: the body's hex SHA-256 if known (the server then refuses a body that
     differs); otherwise UNSIGNED-PAYLOAD. `verify`: hash while sending and compare with the
-    server's answer (costs about one SHA-256 pass over the data).
+    server's answer (costs about one SHA-256 pass over the data). `replace`: overwrite an
+    object stored under `name` (otherwise the server refuses with AlreadyExists).
+
+    Sent with `Expect: 100-continue`: the server's refusals (name taken, not activated, bad
+    signature) come before the first byte of `source` is read, so a refused upload neither
+    sends nor consumes its data.
     """
     check_name(name)
-    path = f"/gateway/data/{name}"
+    path = f"/gateway/data/{name}" + ("?replace=true" if replace else "")
     headers = identity.sign("PUT", path, content_sha256 or linkproto.UNSIGNED_PAYLOAD)
     headers["Content-Type"] = "application/octet-stream"
     body = _Body(source, shaper, verify)
     started = time.monotonic()
     try:
         async with session.put(
-            base_url.rstrip("/") + path, data=body.__aiter__(), headers=headers
+            base_url.rstrip("/") + path, data=body.__aiter__(), headers=headers,
+            expect100=True,
         ) as resp:
             try:
                 payload = await resp.json(content_type=None)
@@ -177,7 +190,10 @@ async def upload(
     if status != 201:
         code = str(payload.get("error", f"HTTP{status}"))
         log.warning("event=upload_refused name=%s status=%d error=%s", name, status, code)
-        raise UploadError(code, str(payload.get("message", "")), status)
+        existing = None
+        if code == "AlreadyExists":
+            existing = {k: payload.get(k) for k in ("name", "size", "sha256", "storedAt")}
+        raise UploadError(code, str(payload.get("message", "")), status, existing)
     size, digest = payload.get("size"), payload.get("sha256")
     if size != body.size:
         raise UploadError("BadResponse", f"server stored {size} bytes, sent {body.size}", status)

@@ -4,6 +4,11 @@ Every request is signed with the gateway's Ed25519 identity (appliance.linkproto
 the appliance). Nonces go to SQLite before the request takes effect, so a captured request
 cannot be replayed, not even across a restart. Polls wait on an in-memory hub that
 operations poke on every configuration change: the gateway learns of CreateGateway at once.
+
+`POST /gateway/activation-key` is the one endpoint a stranger can use to write to the
+database (any fresh Ed25519 key signs its own registration). It is rate-limited per source
+(`RegistrationThrottle`) and what it writes expires (`Store.purge`, run at most once a
+minute as part of normal requests), so the rows a flood can leave are bounded.
 """
 
 from __future__ import annotations
@@ -12,26 +17,28 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import json
+import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from appliance import linkproto
+from appliance import linkproto, safejson
 from appliance.atomicfile import fsync_dir
 from controlplane.clock import Clock
 from controlplane.sigv4 import REGION_RE
-from controlplane.store import Identity, Store, StoreError
+from controlplane.store import Identity, Store, StoreError, UploadExists, UploadRecord
 
 log = logging.getLogger("controlplane.link")
 
@@ -46,22 +53,124 @@ _DNS_RE = re.compile(r"(?=.{1,255}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                      r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 _VERSION_RE = re.compile(r"[A-Za-z0-9.+_-]{1,100}")
 UPLOAD_CHUNK = 1 << 20
+PURGE_INTERVAL_SECONDS = 60.0
+# Registrations (POST /gateway/activation-key): per source, and for all sources together.
+# An appliance asks for a key when its operator does: a few an hour. The total bounds what
+# many sources together can write: at most ~120/min x 24.5 h of rows before they expire.
+REGISTRATIONS_PER_MINUTE = 10.0
+REGISTRATION_BURST = 20.0
+ALL_REGISTRATIONS_PER_MINUTE = 120.0
+ALL_REGISTRATION_BURST = 240.0
+MAX_TRACKED_SOURCES = 10_000
 _WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload")
 
 
 class LinkError(Exception):
     """A refused link request: HTTP status, error code and one line for the gateway's log."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int = 0,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
         self.extra = extra
 
 
 def _bad(field: str, message: str) -> LinkError:
     return LinkError(400, "ValidationError", f"{field}: {message}")
+
+
+class _Bucket:
+    """A token bucket: `rate` tokens a second up to `burst`."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.at = now
+
+    def refill(self, rate: float, burst: float, now: float) -> None:
+        # max(): a clock stepped back must not drain the bucket.
+        self.tokens = min(burst, self.tokens + max(0.0, now - self.at) * rate)
+        self.at = now
+
+    def wait(self, rate: float) -> float:
+        """Seconds until one token is there (0 if it is now)."""
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / rate
+
+
+def source_of(remote: str | None) -> str:
+    """The throttling key of a peer address: the IPv4 address, or the IPv6 /64.
+
+    A /64 is what one IPv6 host can pick addresses from at will; throttling a single IPv6
+    address would let one host register without limit.
+    """
+    try:
+        addr = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return "unknown"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class RegistrationThrottle:
+    """Token buckets for registrations: one per source, one shared by all sources.
+
+    Memory is bounded: at most `max_sources` buckets, the least recently seen forgotten
+    first (a forgotten source starts again with a full burst, which is all it could have
+    regained anyway once its bucket had been idle for burst/rate seconds).
+    """
+
+    def __init__(
+        self,
+        per_minute: float = REGISTRATIONS_PER_MINUTE,
+        burst: float = REGISTRATION_BURST,
+        all_per_minute: float = ALL_REGISTRATIONS_PER_MINUTE,
+        all_burst: float = ALL_REGISTRATION_BURST,
+        max_sources: int = MAX_TRACKED_SOURCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self.all_rate = all_per_minute / 60.0
+        self.all_burst = all_burst
+        self.max_sources = max_sources
+        self.clock = clock
+        self._sources: OrderedDict[str, _Bucket] = OrderedDict()
+        self._all = _Bucket(all_burst, clock())
+        self.refused = 0  # since the last `take_refused`, for one summary log line
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def check(self, source: str) -> float | None:
+        """Take a token for `source`: None if allowed, else the seconds to wait."""
+        now = self.clock()
+        bucket = self._sources.get(source)
+        if bucket is None:
+            bucket = self._sources[source] = _Bucket(self.burst, now)
+            if len(self._sources) > self.max_sources:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(source)
+        bucket.refill(self.rate, self.burst, now)
+        self._all.refill(self.all_rate, self.all_burst, now)
+        wait = max(bucket.wait(self.rate), self._all.wait(self.all_rate))
+        if wait > 0:
+            self.refused += 1
+            return wait
+        bucket.tokens -= 1.0
+        self._all.tokens -= 1.0
+        return None
+
+    def take_refused(self) -> int:
+        refused, self.refused = self.refused, 0
+        return refused
 
 
 def new_activation_key() -> str:
@@ -119,6 +228,25 @@ class PollHub:
                 del self._waiters[key_id]
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """An upload that passed every check that can be made before its body is read."""
+
+    identity: Identity
+    declared_sha256: str
+    gateway_id: str
+    name: str
+    replace: bool
+
+
+# Where the Expect handler leaves its admission for the upload handler (no second nonce).
+_ADMITTED: Any = (
+    web.RequestKey("gatewaylink_admitted", _Admitted)  # type: ignore[attr-defined]
+    if hasattr(web, "RequestKey") else "gatewaylink_admitted"
+)
+Answer = tuple[int, dict[str, Any]]
+
+
 class GatewayLink:
     """Handlers of `/gateway/...`."""
 
@@ -129,48 +257,87 @@ class GatewayLink:
         hub: PollHub,
         data_dir: Path,
         wall_clock: Callable[[], float] = time.time,
+        registrations: RegistrationThrottle | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.hub = hub
         self.data_dir = data_dir
         self.wall_clock = wall_clock
+        # On the business clock, so a test that moves it refills the buckets as time would.
+        self.registrations = registrations or RegistrationThrottle(clock=clock.now)
+        self._next_purge = 0.0
         self.incoming = data_dir / ".incoming"
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.incoming.mkdir(mode=0o700, exist_ok=True)
+        self.reconcile()
         for stale in self.incoming.glob("*.part"):  # uploads cut off by a kill or a crash
             stale.unlink(missing_ok=True)
+        self.housekeep()
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/gateway/activation-key", self._wrap(self.activation_key)),
             web.post("/gateway/poll", self._wrap(self.poll)),
-            web.put("/gateway/data/{name}", self._wrap(self.upload)),
+            web.put("/gateway/data/{name}", self._wrap(self.upload),
+                    expect_handler=self._upload_expect),
         ]
+
+    async def _answer(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse | None:
+        """Run a handler; every refusal is the protocol's JSON error, never a traceback page."""
+        try:
+            self.housekeep()
+            answer = await handler(request)
+        except LinkError as err:
+            log.log(
+                logging.DEBUG if err.status == 429 else logging.INFO,
+                "event=link_refused path=%s status=%d error=%s message=%s",
+                request.path, err.status, err.code, err.message,
+            )
+            body = {"error": err.code, "message": err.message, **err.extra}
+            headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+            return web.json_response(body, status=err.status, headers=headers)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            ref = uuid.uuid4()
+            log.exception("event=link_failed path=%s ref=%s", request.path, ref)
+            return web.json_response(
+                {"error": "InternalError", "message": f"see the server log ({ref})"},
+                status=500,
+            )
+        if answer is None:
+            return None
+        status, payload = answer
+        return web.json_response(payload, status=status)
 
     def _wrap(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
         async def run(request: web.Request) -> web.StreamResponse:
-            try:
-                status, payload = await handler(request)
-            except LinkError as err:
-                log.info(
-                    "event=link_refused path=%s status=%d error=%s message=%s",
-                    request.path, err.status, err.code, err.message,
-                )
-                body = {"error": err.code, "message": err.message, **err.extra}
-                return web.json_response(body, status=err.status)
-            except (ConnectionResetError, asyncio.CancelledError):
-                raise
-            except Exception:
-                ref = uuid.uuid4()
-                log.exception("event=link_failed path=%s ref=%s", request.path, ref)
-                return web.json_response(
-                    {"error": "InternalError", "message": f"see the server log ({ref})"},
-                    status=500,
-                )
-            return web.json_response(payload, status=status)
+            response = await self._answer(request, handler)
+            assert response is not None
+            return response
 
         return run
+
+    def housekeep(self) -> None:
+        """Purge what expired, at most once per PURGE_INTERVAL_SECONDS of business time.
+
+        Part of normal work (the first request after the interval does it) rather than a
+        timer task: nothing to start or stop, and an idle server has nothing to purge.
+        """
+        now = self.clock.now()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_INTERVAL_SECONDS
+        deleted = self.store.purge(now, self.wall_clock() - 2 * linkproto.MAX_SKEW_SECONDS)
+        refused = self.registrations.take_refused()
+        if refused or deleted["keys"] or deleted["identities"]:
+            log.info(
+                "event=link_purged keys=%d identities=%d nonces=%d registrations_throttled=%d",
+                deleted["keys"], deleted["identities"], deleted["nonces"], refused,
+            )
 
     # -- authentication -----------------------------------------------------------------
 
@@ -182,8 +349,7 @@ class GatewayLink:
             )
         except linkproto.LinkAuthError as exc:
             raise LinkError(401, "InvalidSignature", str(exc)) from None
-        keep = 2 * linkproto.MAX_SKEW_SECONDS
-        if not self.store.record_nonce(key_id, nonce, self.wall_clock(), keep):
+        if not self.store.record_nonce(key_id, nonce, self.wall_clock()):
             raise LinkError(401, "InvalidSignature", "nonce already used: a replayed request")
         return content
 
@@ -192,11 +358,9 @@ class GatewayLink:
         if len(body) > MAX_JSON_BODY:
             raise LinkError(413, "ValidationError", f"body: larger than {MAX_JSON_BODY} bytes")
         try:
-            payload = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError):
-            raise LinkError(400, "ValidationError", "body: not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise LinkError(400, "ValidationError", "body: must be a JSON object")
+            payload = safejson.loads_object(body)
+        except safejson.JsonError as exc:
+            raise _bad("body", str(exc)) from None
         return body, payload
 
     @staticmethod
@@ -209,7 +373,11 @@ class GatewayLink:
 
     def _identity(self, request: web.Request) -> Identity:
         key_id = request.headers.get(linkproto.H_KEY_ID, "")
-        identity = self.store.identity(key_id) if key_id else None
+        if not linkproto.is_key_id(key_id):
+            raise LinkError(
+                401, "InvalidSignature", f"{linkproto.H_KEY_ID} must be 32 lowercase hex digits"
+            )
+        identity = self.store.identity(key_id)
         if identity is None:
             raise LinkError(
                 401, "UnknownGateway",
@@ -220,7 +388,20 @@ class GatewayLink:
 
     # -- POST /gateway/activation-key -----------------------------------------------------
 
-    async def activation_key(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+    def _throttle_registration(self, request: web.Request) -> None:
+        """Refuse (429) before any work is done when the source registers too often."""
+        wait = self.registrations.check(source_of(request.remote))
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise LinkError(
+                429, "Throttled",
+                f"too many activation key requests from this address (at most "
+                f"{REGISTRATIONS_PER_MINUTE:g} a minute); retry in {seconds} s",
+                retry_after=seconds,
+            )
+
+    async def activation_key(self, request: web.Request) -> Answer:
+        self._throttle_registration(request)
         body, payload = await self._json_body(request)
         try:
             public_raw = linkproto.decode_public_key(str(payload.get("publicKey", "")))
@@ -272,7 +453,7 @@ class GatewayLink:
 
     # -- POST /gateway/poll -------------------------------------------------------------
 
-    async def poll(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+    async def poll(self, request: web.Request) -> Answer:
         identity = self._identity(request)
         body, payload = await self._json_body(request)
         declared = self._check_signature(request, identity.public_key, identity.key_id)
@@ -365,15 +546,37 @@ class GatewayLink:
 
     # -- PUT /gateway/data/{name} ---------------------------------------------------------
 
-    async def upload(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+    async def _upload_expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: every refusal (signature, name, not activated, the name
+        already stored) is answered before the client sends a byte of its body."""
+
+        async def admit(request: web.Request) -> None:
+            request[_ADMITTED] = self._admit_upload(request)
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise LinkError(417, "ExpectationFailed",
+                                "only 'Expect: 100-continue' is understood")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        return await self._answer(request, admit)
+
+    def _admit_upload(self, request: web.Request) -> _Admitted:
+        """The checks made before the body is read (once: they use up the nonce)."""
         name = request.match_info["name"]
         identity = self._identity(request)
         declared = self._check_signature(request, identity.public_key, identity.key_id)
         if not _NAME_RE.fullmatch(name) or name in (".", ".."):
             raise _bad("name", "must be 1-200 characters of [A-Za-z0-9._-], not '.' or '..'")
+        replace = _replace_param(request)
         if identity.deleted or not identity.gateway_id:
             raise LinkError(403, "NotActivated", "this gateway is not activated; uploads refused")
-        gateway_id = identity.gateway_id
+        if not replace:
+            existing = self.store.upload_record(identity.gateway_id, name)
+            if existing is not None:
+                raise _already_exists(existing)
+        return _Admitted(identity, declared, identity.gateway_id, name, replace)
+
+    async def upload(self, request: web.Request) -> Answer:
+        admitted = request.get(_ADMITTED) or self._admit_upload(request)
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -385,20 +588,129 @@ class GatewayLink:
             finally:
                 os.close(fd)
             sha = digest.hexdigest()
+            declared = admitted.declared_sha256
             if declared != linkproto.UNSIGNED_PAYLOAD and declared != sha:
                 raise LinkError(
                     400, "ChecksumMismatch",
                     f"body SHA-256 is {sha}, {linkproto.H_CONTENT_SHA256} said {declared}; "
                     "nothing kept",
                 )
-            target_dir = self.data_dir / gateway_id
-            target_dir.mkdir(exist_ok=True)
-            os.replace(tmp, target_dir / name)
-            fsync_dir(target_dir)
+            record = UploadRecord(admitted.gateway_id, admitted.name, size, sha,
+                                  self.clock.now(), tmp.name)
+            self._commit(record, tmp, admitted.replace)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already when committed
+        log.info("event=upload_stored gateway=%s name=%s size=%d sha256=%s replace=%s",
+                 record.gateway_id, record.name, size, sha, str(admitted.replace).lower())
+        return 201, {"name": record.name, "size": size, "sha256": sha}
+
+    def _commit(self, record: UploadRecord, tmp: Path, replace: bool) -> None:
+        """Record, rename, complete: synchronous, so no other upload interleaves in this
+        process, and each step leaves a state `reconcile` repairs after a crash.
+
+        The name is checked again in the transaction that writes the record: of two uploads
+        of one name that both passed the early check, exactly one is stored.
+        """
+        assert record.part is not None
+        try:
+            previous = self.store.begin_upload(record, replace)
+        except UploadExists as exc:
+            raise _already_exists(exc.existing) from None
+        target_dir = self.data_dir / record.gateway_id
+        try:
+            if not target_dir.is_dir():
+                target_dir.mkdir(mode=0o700, exist_ok=True)
+                fsync_dir(self.data_dir)
+            os.replace(tmp, target_dir / record.name)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.store.undo_upload(record, previous)
             raise
-        self.store.record_upload(gateway_id, name, size, sha, self.clock.now())
-        log.info("event=upload_stored gateway=%s name=%s size=%d sha256=%s",
-                 gateway_id, name, size, sha)
-        return 201, {"name": name, "size": size, "sha256": sha}
+        fsync_dir(target_dir)
+        self.store.finish_upload(record.gateway_id, record.name, record.part)
+
+    # -- start-up repair of uploads -------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Make the upload records and the files of the data directory agree again.
+
+        A record whose part file is still in .incoming was recorded but not renamed: the
+        part was complete and fsynced, so the rename is done now. A record without a file
+        is deleted (it would promise bytes that are not there). A file without a record, or
+        whose size differs from it, gets a record computed from the file: its bytes arrived
+        whole (only complete, checked parts are ever renamed), only the record was lost.
+        """
+        records = {(r.gateway_id, r.name): r for r in self.store.upload_records()}
+        for record in records.values():
+            self._repair(record)
+        for gateway_dir in sorted(self.data_dir.iterdir()):
+            if gateway_dir.name.startswith(".") or not gateway_dir.is_dir():
+                continue
+            for path in sorted(gateway_dir.iterdir()):
+                if (gateway_dir.name, path.name) in records or not path.is_file():
+                    continue
+                if not _NAME_RE.fullmatch(path.name):
+                    log.warning("event=upload_ignored path=%s reason=bad_name", path)
+                    continue
+                self._adopt(gateway_dir.name, path, "file_without_record")
+
+    def _repair(self, record: UploadRecord) -> None:
+        """Bring one record and its file into agreement; one log line if anything changed."""
+        target = self.data_dir / record.gateway_id / record.name
+        renamed = False
+        if record.part is not None:
+            part = self.incoming / record.part
+            if part.is_file():
+                target.parent.mkdir(mode=0o700, exist_ok=True)
+                os.replace(part, target)
+                fsync_dir(target.parent)
+                renamed = True
+        if not target.is_file():
+            self.store.delete_upload(record.gateway_id, record.name)
+            action = "record_deleted reason=no_file"
+        elif target.stat().st_size != record.size:
+            self._adopt(record.gateway_id, target, "size_differs")
+            return
+        elif record.part is not None:
+            self.store.finish_upload(record.gateway_id, record.name, record.part)
+            action = "rename_done,record_completed" if renamed else "record_completed"
+        else:
+            return
+        log.warning("event=upload_repaired gateway=%s name=%s action=" + action,
+                    record.gateway_id, record.name)
+
+    def _adopt(self, gateway_id: str, path: Path, reason: str) -> None:
+        digest = hashlib.sha256()
+        size = 0
+        with path.open("rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        record = UploadRecord(gateway_id, path.name, size, digest.hexdigest(),
+                              path.stat().st_mtime)
+        self.store.put_upload(record)
+        log.warning("event=upload_repaired gateway=%s name=%s action=record_from_file "
+                    "reason=%s size=%d sha256=%s", gateway_id, path.name, reason, size,
+                    record.sha256)
+
+
+def _replace_param(request: web.Request) -> bool:
+    """The query of an upload: nothing, or `replace=true|false` once."""
+    unknown = sorted(set(request.query) - {"replace"})
+    if unknown:
+        raise _bad("query", f"unknown parameter {unknown[0]!r}; only replace=true|false")
+    values = request.query.getall("replace", [])
+    if len(values) > 1 or (values and values[0] not in ("true", "false")):
+        raise _bad("replace", "must be given once, as true or false")
+    return bool(values) and values[0] == "true"
+
+
+def _already_exists(existing: UploadRecord) -> LinkError:
+    """409 naming what is stored, so the caller can tell whether it is the same data."""
+    return LinkError(
+        409, "AlreadyExists",
+        f"'{existing.name}' is already stored: {existing.size} bytes, sha256 "
+        f"{existing.sha256}, stored {iso(existing.stored_at)}; upload with replace=true to "
+        "replace it",
+        name=existing.name, size=existing.size, sha256=existing.sha256,
+        storedAt=iso(existing.stored_at),
+    )

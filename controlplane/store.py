@@ -4,12 +4,19 @@ Why SQLite: every change (a key issued, a gateway created, a nonce seen) must su
 `kill -9` and a restart, and some changes must be all-or-nothing under concurrency (two
 CreateGateway calls with one key: exactly one wins). A transaction gives both. The store
 knows nothing of HTTP or JSON shapes: protocol.py and operations.py translate.
+
+What strangers can create expires: an identity and its keys are written by the
+unauthenticated `POST /gateway/activation-key`, so `purge` deletes unused keys once they
+expire and never-activated identities `PENDING_RETENTION` after their last key expired.
+Every purge query filters on an indexed time column (`PURGE_QUERIES`, checked by a test with
+EXPLAIN QUERY PLAN): housekeeping never scans a table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -80,6 +87,44 @@ CREATE TABLE IF NOT EXISTS uploads (
 );
 """
 
+# Columns added after the first release: (table, column, type); added to older files on open.
+_ADDED_COLUMNS = (
+    # When a never-activated identity may be deleted (last key expiry + PENDING_RETENTION).
+    ("identities", "pending_until", "REAL"),
+    # The .incoming part file of an upload being committed; NULL once the rename is done.
+    ("uploads", "part", "TEXT"),
+)
+
+# Created after the columns above exist. The purge filters on the time columns; the key_id
+# indexes let a deleted identity's foreign-key checks find children without a table scan.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS nonces_seen_at ON nonces (seen_at);
+CREATE INDEX IF NOT EXISTS activation_keys_unused_expiry ON activation_keys (expires_at)
+    WHERE used_at IS NULL;
+CREATE INDEX IF NOT EXISTS activation_keys_key_id ON activation_keys (key_id);
+CREATE INDEX IF NOT EXISTS gateways_key_id ON gateways (key_id);
+CREATE INDEX IF NOT EXISTS identities_pending_until ON identities (pending_until)
+    WHERE gateway_id IS NULL AND deleted = 0;
+"""
+
+# Housekeeping, in this order (keys before the identities they reference). Each is a range
+# scan of one index: tests/controlplane/test_link_hostile.py checks the query plans.
+PURGE_QUERIES = {
+    "keys": "DELETE FROM activation_keys WHERE used_at IS NULL AND expires_at <= ?",
+    "identities": (
+        "DELETE FROM identities WHERE gateway_id IS NULL AND deleted = 0 AND pending_until <= ?"
+        " AND NOT EXISTS (SELECT 1 FROM activation_keys k WHERE k.key_id = identities.key_id)"
+    ),
+    "nonces": "DELETE FROM nonces WHERE seen_at < ?",
+}
+
+# How long an identity that never activated is kept after its last key expired. A day: the
+# operator who asked for a key and did not finish CreateGateway still sees the appliance as
+# registered (its polls answered "pending") until the next working day, and the appliance
+# registers again by itself when a new key is asked for, so nothing is lost by the delete.
+# Bounded, so the rows a stranger can make are at most (registration rate) x 24.5 h.
+PENDING_RETENTION = 24 * 3600.0
+
 DB_FILE = "controlplane.sqlite3"
 
 
@@ -91,6 +136,30 @@ class StoreError(Exception):
         self.reason = reason
         self.message = message
         self.gateway_arn = gateway_arn
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """An object stored for a gateway; `part` is set while its commit is under way."""
+
+    gateway_id: str
+    name: str
+    size: int
+    sha256: str
+    stored_at: float
+    part: str | None = None
+
+
+class UploadExists(StoreError):
+    """An upload under a name the gateway already holds, without replace."""
+
+    def __init__(self, existing: UploadRecord) -> None:
+        super().__init__(
+            "AlreadyExists",
+            f"'{existing.name}' is already stored ({existing.size} bytes, sha256 "
+            f"{existing.sha256}); upload with replace to overwrite it",
+        )
+        self.existing = existing
 
 
 @dataclass(frozen=True)
@@ -182,6 +251,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _private_files(path)
         # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE, so a
         # read-then-write (use a key once) cannot interleave with another writer.
         self._db = sqlite3.connect(
@@ -191,7 +261,24 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        path.chmod(0o600)
+        self._migrate()
+        self._db.executescript(INDEXES)
+
+    def _migrate(self) -> None:
+        """Add the columns a file written by an older version lacks, in one transaction."""
+        with self._tx() as db:
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column in have:
+                    continue
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                if column == "pending_until":  # identities registered before expiry existed
+                    db.execute(
+                        "UPDATE identities SET pending_until = ? + COALESCE((SELECT"
+                        " MAX(expires_at) FROM activation_keys k WHERE k.key_id ="
+                        " identities.key_id), registered_at) WHERE gateway_id IS NULL",
+                        (PENDING_RETENTION,),
+                    )
 
     def close(self) -> None:
         self._db.close()
@@ -243,7 +330,12 @@ class Store:
         now: float,
         lifetime: float,
     ) -> ActivationKey:
-        """Register the identity if new and record a key bound to it; refuse a used identity."""
+        """Register the identity if new and record a key bound to it; refuse a used identity.
+
+        The identity is kept, if never activated, until PENDING_RETENTION after this key
+        expires (see `purge`).
+        """
+        pending_until = now + lifetime + PENDING_RETENTION
         with self._tx() as db:
             row = db.execute(
                 "SELECT gateway_id, deleted FROM identities WHERE key_id=?", (key_id,)
@@ -251,8 +343,8 @@ class Store:
             if row is None:
                 db.execute(
                     "INSERT INTO identities (key_id, public_key, registered_at, last_seen,"
-                    " software_version) VALUES (?, ?, ?, ?, ?)",
-                    (key_id, public_key, now, now, software_version),
+                    " software_version, pending_until) VALUES (?, ?, ?, ?, ?, ?)",
+                    (key_id, public_key, now, now, software_version, pending_until),
                 )
             else:
                 arn = self._arn_of(db, row[0])
@@ -266,8 +358,8 @@ class Store:
                     raise StoreError("AlreadyActivated", f"this gateway is already {arn}", arn)
                 db.execute(
                     "UPDATE identities SET last_seen=?, software_version=COALESCE(?,"
-                    " software_version) WHERE key_id=?",
-                    (now, software_version, key_id),
+                    " software_version), pending_until=? WHERE key_id=?",
+                    (now, software_version, pending_until, key_id),
                 )
             db.execute(
                 "INSERT INTO activation_keys (key, key_id, region, endpoint_type, ip_version,"
@@ -304,7 +396,8 @@ class Store:
             ).fetchone()
             if row is None:
                 raise StoreError("UnknownKey", f"ActivationKey '{key}' was not issued by this "
-                                 "control plane; get a new key from the gateway")
+                                 "control plane, or it expired (keys last 30 minutes) and was "
+                                 "forgotten; get a new key from the gateway")
             akey = ActivationKey(*row[:9])
             if akey.used_at is not None:
                 arn = self._arn_of(db, row[9])
@@ -448,10 +541,13 @@ class Store:
 
     # -- the link -----------------------------------------------------------------------
 
-    def record_nonce(self, key_id: str, nonce: str, now: float, keep: float) -> bool:
-        """Remember a request nonce; False when it was seen before (a replay)."""
+    def record_nonce(self, key_id: str, nonce: str, now: float) -> bool:
+        """Remember a request nonce; False when it was seen before (a replay).
+
+        Old nonces are deleted by `purge`, not here: one indexed range delete a minute
+        instead of one per signed request.
+        """
         with self._tx() as db:
-            db.execute("DELETE FROM nonces WHERE seen_at < ?", (now - keep,))
             try:
                 db.execute(
                     "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
@@ -461,6 +557,26 @@ class Store:
                 return False
         return True
 
+    def purge(self, now: float, nonces_before: float) -> dict[str, int]:
+        """Delete expired unused keys, lapsed pending identities and old nonces.
+
+        `now` is business time (key expiry), `nonces_before` wall time (the signature
+        window). Returns how many rows of each kind went, for the log.
+        """
+        deleted = {}
+        with self._tx() as db:
+            for kind, sql in PURGE_QUERIES.items():
+                arg = nonces_before if kind == "nonces" else now
+                deleted[kind] = db.execute(sql, (arg,)).rowcount
+        return deleted
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table that strangers can grow (tests and the purge log)."""
+        return {
+            table: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            for table in ("identities", "activation_keys", "nonces")
+        }
+
     def heartbeat(self, key_id: str, software_version: str | None, now: float) -> None:
         with self._tx() as db:
             db.execute(
@@ -469,17 +585,101 @@ class Store:
                 (now, software_version, key_id),
             )
 
-    def record_upload(self, gateway_id: str, name: str, size: int, sha256: str,
-                      now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO uploads (gateway_id, name, size, sha256, stored_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (gateway_id, name, size, sha256, now),
-            )
+    # -- uploads ------------------------------------------------------------------------
+    #
+    # A commit is three steps: `begin_upload` writes the record with `part` set (in the same
+    # transaction that refuses a taken name), the part file is renamed into place, then
+    # `finish_upload` clears `part`. A crash between any two leaves a state that start-up
+    # (GatewayLink.reconcile) repairs: a record with `part` is rolled forward.
+
+    _UPLOAD_COLUMNS = "gateway_id, name, size, sha256, stored_at, part"
+
+    def upload_record(self, gateway_id: str, name: str) -> UploadRecord | None:
+        row = self._db.execute(
+            f"SELECT {self._UPLOAD_COLUMNS} FROM uploads WHERE gateway_id=? AND name=?",
+            (gateway_id, name),
+        ).fetchone()
+        return UploadRecord(*row) if row else None
 
     def upload(self, gateway_id: str, name: str) -> tuple[int, str] | None:
-        row = self._db.execute(
-            "SELECT size, sha256 FROM uploads WHERE gateway_id=? AND name=?", (gateway_id, name)
-        ).fetchone()
-        return (row[0], row[1]) if row else None
+        """(size, sha256) of a committed upload."""
+        record = self.upload_record(gateway_id, name)
+        if record is None or record.part is not None:
+            return None
+        return record.size, record.sha256
+
+    def upload_records(self) -> list[UploadRecord]:
+        """Every record (start-up reconciliation only: this one reads the whole table)."""
+        rows = self._db.execute(f"SELECT {self._UPLOAD_COLUMNS} FROM uploads").fetchall()
+        return [UploadRecord(*row) for row in rows]
+
+    def begin_upload(self, record: UploadRecord, replace: bool) -> UploadRecord | None:
+        """Record an upload about to be renamed into place; returns the record it replaces.
+
+        UploadExists if the name is taken and `replace` is false. Atomic: of two racing
+        uploads of one name, one wins.
+        """
+        assert record.part is not None
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {self._UPLOAD_COLUMNS} FROM uploads WHERE gateway_id=? AND name=?",
+                (record.gateway_id, record.name),
+            ).fetchone()
+            previous = UploadRecord(*row) if row else None
+            if previous is not None and not replace:
+                raise UploadExists(previous)
+            self._put_upload(db, record)
+        return previous
+
+    def undo_upload(self, record: UploadRecord, previous: UploadRecord | None) -> None:
+        """The rename after `begin_upload` failed: put back what was recorded before."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM uploads WHERE gateway_id=? AND name=? AND part=?",
+                (record.gateway_id, record.name, record.part),
+            )
+            if previous is not None:
+                self._put_upload(db, previous)
+
+    def finish_upload(self, gateway_id: str, name: str, part: str) -> None:
+        """The rename of `part` is done and durable: the record is complete."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE uploads SET part=NULL WHERE gateway_id=? AND name=? AND part=?",
+                (gateway_id, name, part),
+            )
+
+    def put_upload(self, record: UploadRecord) -> None:
+        """Write a record as it is (start-up repairs)."""
+        with self._tx() as db:
+            self._put_upload(db, record)
+
+    @staticmethod
+    def _put_upload(db: sqlite3.Connection, r: UploadRecord) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO uploads (gateway_id, name, size, sha256, stored_at, part)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (r.gateway_id, r.name, r.size, r.sha256, r.stored_at, r.part),
+        )
+
+    def delete_upload(self, gateway_id: str, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM uploads WHERE gateway_id=? AND name=?", (gateway_id, name))
+
+
+def _private_files(path: Path) -> None:
+    """Create the database 0600 before SQLite opens it, and narrow side files left wider.
+
+    SQLite creates `-wal` and `-shm` with the mode of the database file, so a database born
+    0600 has private side files; chmod after the fact (as an older version did) left them
+    0644 for as long as they existed. Files of such a version are narrowed here.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            side.chmod(0o600)

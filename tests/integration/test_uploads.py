@@ -9,6 +9,7 @@ the control plane wrote to its data directory, not just what it answered.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -265,3 +266,46 @@ def test_stop_during_a_slow_upload_cuts_it_and_keeps_nothing(
     assert not stored(cp, "slow.bin")
     incoming = cp.state_dir / "data" / ".incoming"
     wait_until(lambda: not list(incoming.glob("*")), what="the control plane to drop the part")
+
+
+def test_upload_under_a_taken_name_is_refused_unless_replace(
+    control_plane: Any, appliance: Any, tmp_path: Path
+) -> None:
+    """The control plane's 409 AlreadyExists reaches the local API and the CLI, before the
+    body is sent; --replace (?replace=true) replaces the stored object."""
+    cp, app = control_plane, appliance
+    activate(cp, app, "uploads")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(300_000))
+    second.write_bytes(os.urandom(200_000))
+    code, _, err = run_upload(app, first, "--name", "disk.img")
+    assert code == 0, err
+    [on_disk] = stored(cp, "disk.img")
+
+    code, out, err = run_upload(app, second, "--name", "disk.img")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert "409 AlreadyExists" in err and "use --replace" in err
+    assert f"disk.img is already stored (300000 bytes, sha256 {sha256(first)}, stored " in err
+    assert sha256(on_disk) == sha256(first)
+
+    # The local API: the refusal comes instead of 100 Continue, before any byte of the body.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    with sock:
+        sock.connect(str(app.socket_path))
+        sock.sendall(b"PUT /v1/uploads/disk.img HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 1000000000\r\n\r\n")
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        doc = json.loads(resp.read())
+    assert resp.status == 409 and doc["error"] == "AlreadyExists" and doc["field"] == "name"
+    assert doc["existing"]["sha256"] == sha256(first) and doc["existing"]["size"] == 300_000
+    assert doc["existing"]["name"] == "disk.img" and doc["existing"]["storedAt"].endswith("Z")
+    status, doc = raw_put(app, "/v1/uploads/disk.img?replace=maybe", b"x")
+    assert status == 400 and doc["field"] == "replace"
+
+    code, out, err = run_upload(app, second, "--name", "disk.img", "--replace")
+    assert code == 0, err
+    assert sha256(on_disk) == sha256(second)
+    status, doc = raw_put(app, "/v1/uploads/disk.img?replace=true", b"third")
+    assert status == 201 and on_disk.read_bytes() == b"third"
