@@ -9,12 +9,13 @@ import logging
 import os
 import shlex
 import signal
+import ssl
 import sys
 from pathlib import Path
 
 from appliance import logfmt
 from controlplane import credentials
-from controlplane.server import ControlPlane
+from controlplane.server import ControlPlane, tls_context
 
 log = logging.getLogger("controlplane")
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the API and the gateway link")
     serve.add_argument("--listen", type=parse_listen, default=parse_listen(DEFAULT_LISTEN),
                        metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN})")
+    serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                       help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                       help="the PEM private key of --tls-cert")
     env = sub.add_parser("env", help="print export lines of the API credentials, for eval")
     for p in (serve, env):
         p.add_argument("--state-dir", type=Path, default=None,
@@ -63,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
     if args.command == "env":
         return _env(state_dir, creds_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("controlplane: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls_cert is not None:
+        try:
+            tls = tls_context(args.tls_cert, args.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            print(f"controlplane: cannot use TLS certificate {args.tls_cert} with key "
+                  f"{args.tls_key}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     logfmt.setup(args.log_level, "%(asctime)s level=%(levelname)s %(message)s")
     try:
         plane = ControlPlane(state_dir, creds_file, args.data_dir)
@@ -79,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     try:
-        asyncio.run(_serve(plane, *args.listen))
+        asyncio.run(_serve(plane, *args.listen, tls))
     except OSError as exc:
         print(f"controlplane: cannot listen on {args.listen[0]}:{args.listen[1]}: "
               f"{exc.strerror}", file=sys.stderr)
@@ -87,19 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(plane: ControlPlane, host: str, port: int) -> None:
+async def _serve(plane: ControlPlane, host: str, port: int, tls: ssl.SSLContext | None
+                 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        bound_host, bound_port = await plane.start(host, port)
+        bound_host, bound_port = await plane.start(host, port, tls)
     except OSError:
         plane.store.close()
         raise
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("event=ready listen=%s:%d state_dir=%s", shown, bound_port, plane.state_dir)
-    print(f"event=ready listen={shown}:{bound_port}", flush=True)
+    url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
+    log.info("event=ready listen=%s:%d url=%s state_dir=%s", shown, bound_port, url,
+             plane.state_dir)
+    print(f"event=ready listen={shown}:{bound_port} url={url}", flush=True)
     await stop.wait()
     log.info("event=stopping")
     with contextlib.suppress(Exception):

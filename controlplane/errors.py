@@ -17,6 +17,8 @@ PROTOCOL_ERROR_STATUS: dict[str, int] = {
     "MissingAuthenticationTokenException": 403,
     "UnrecognizedClientException": 403,
     "InvalidSignatureException": 403,
+    # The listener's own answer to a request head over its size bound (server.py).
+    "RequestHeaderFieldsTooLargeException": 431,
 }
 
 

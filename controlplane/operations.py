@@ -32,6 +32,20 @@ _ARN_PARTS = re.compile(
 )
 
 
+# What _token() writes: version, region, and a sequence number SQLite can hold (< 2**63).
+_TOKEN_RE = re.compile(r"v1\|(?P<region>[a-z0-9-]{1,32})\|(?P<seq>[0-9]{1,18})")
+
+
+def _b64_text(token: str) -> str:
+    """The decoded text of a urlsafe-base64 token, or '' when it does not decode."""
+    if not re.fullmatch(r"[A-Za-z0-9_=-]{1,1000}", token):
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token).decode("ascii")
+    except (ValueError, binascii.Error):
+        return ""
+
+
 def _operation_name(method: str) -> str:
     return "".join(part.capitalize() for part in method.split("_"))
 
@@ -155,22 +169,22 @@ class BackupGatewayApi:
 
     @staticmethod
     def _parse_token(token: str, region: str) -> int:
-        try:
-            version, token_region, seq = (
-                base64.urlsafe_b64decode(token.encode()).decode().split("|")
-            )
-            if version != "v1" or not seq.isdigit():
-                raise ValueError
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        """The sequence number in a token of ours; anything else is a ValidationException.
+
+        An allow-list, not `str.isdigit`: that also takes '²' (int() then fails) and digits
+        enough to overflow SQLite's 64-bit integers (both were a 500).
+        """
+        parts = _TOKEN_RE.fullmatch(_b64_text(token))
+        if parts is None:
             raise validation(
-                "NextToken: not a token this service returned; pass the NextToken of the "
-                "previous ListGateways response unchanged"
-            ) from None
-        if token_region != region:
-            raise validation(
-                f"NextToken: was returned for region {token_region}, not {region}"
+                "NextToken: not a token this service returned (the accepted form is the "
+                "opaque NextToken of the previous ListGateways response, unchanged)"
             )
-        return int(seq)
+        if parts["region"] != region:
+            raise validation(
+                f"NextToken: was returned for region {parts['region']}, not {region}"
+            )
+        return int(parts["seq"])
 
     def update_gateway_information(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         gateway = self._gateway(caller, body["GatewayArn"])

@@ -3,6 +3,12 @@
 Shaped like moto's responses layer: this module knows HTTP and JSON, authenticates with
 SigV4, validates the input against the model table, and hands a plain dict to one method
 per operation (operations.py), which knows nothing of the wire.
+
+Replays: SigV4 has no nonce and X-Amz-Date has one-second resolution, so two identical calls
+a second apart carry the same signature (boto3 calling ListGateways twice in a row does).
+A replayed read gives an eavesdropper nothing it could not already see, while a replayed
+change (DeleteGateway, an old schedule) does harm; so the signatures of state-changing
+operations go through the replay cache (each accepted once) and reads do not.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from appliance import safejson
 from controlplane import sigv4
 from controlplane.apimodel import OPERATIONS, SIGNING_NAME, TARGET_PREFIX
 from controlplane.errors import ApiError
@@ -27,6 +34,7 @@ log = logging.getLogger("controlplane.api")
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 _ACCEPTED_TYPES = {CONTENT_TYPE, "application/x-amz-json-1.1", "application/json", ""}
+READ_ONLY = frozenset(op for op in OPERATIONS if op.startswith(("Get", "List")))
 
 
 def _json_default(value: Any) -> Any:
@@ -41,8 +49,17 @@ def response(status: int, payload: dict[str, Any], request_id: str) -> web.Respo
     )
 
 
+def error_body(err: ApiError) -> bytes:
+    """The protocol's error shape; also written raw by the listener (server.py)."""
+    return json.dumps({"__type": err.code, "message": err.message}).encode()
+
+
 def error_response(err: ApiError, request_id: str) -> web.Response:
-    return response(err.status, {"__type": err.code, "message": err.message}, request_id)
+    return web.Response(
+        status=err.status,
+        body=error_body(err),
+        headers={"Content-Type": CONTENT_TYPE, "x-amzn-RequestId": request_id},
+    )
 
 
 class JsonApi:
@@ -54,11 +71,13 @@ class JsonApi:
         lookup_secret: Callable[[str], str | None],
         wall_clock: Callable[[], float] = time.time,
         throttle: Throttle | None = None,
+        replay: sigv4.ReplayCache | None = None,
     ) -> None:
         self.api = api
         self.lookup_secret = lookup_secret
         self.wall_clock = wall_clock
         self.throttle = throttle or Throttle()
+        self.replay = replay or sigv4.ReplayCache()
 
     async def handle(self, request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
@@ -86,8 +105,11 @@ class JsonApi:
         return response(200, result, request_id)
 
     def _call(self, request: web.Request, target: str, body: bytes) -> dict[str, Any]:
-        headers = {k.lower(): request.headers.getall(k) for k in request.headers}
+        headers: dict[str, list[str]] = {}
+        for name, value in request.headers.items():
+            headers.setdefault(name.lower(), []).append(value)
         path, _, query = request.raw_path.partition("?")
+        now = self.wall_clock()
         caller = sigv4.verify(
             request.method,
             path,
@@ -96,7 +118,7 @@ class JsonApi:
             body,
             self.lookup_secret,
             SIGNING_NAME,
-            self.wall_clock(),
+            now,
         )
         if not self.throttle.allow(caller.access_key_id):
             raise ApiError(
@@ -104,7 +126,10 @@ class JsonApi:
                 f"Rate exceeded: more than {self.throttle.rate:g} requests/s sustained for "
                 f"access key {caller.access_key_id}; retry later",
             )
+        # verify() refused a signature leaving X-Amz-Target out: `op` is the signed one.
         prefix, _, op = target.partition(".")
+        if op not in READ_ONLY:
+            self.replay.remember(caller.signature, caller.signed_at, now)
         if prefix != TARGET_PREFIX or op not in self.api.operations:
             raise ApiError(
                 "UnknownOperationException",
@@ -119,10 +144,8 @@ class JsonApi:
                 f"Content-Type must be {CONTENT_TYPE}, not '{ctype}'",
             )
         try:
-            payload = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError("SerializationException", f"body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ApiError("SerializationException", "body must be a JSON object")
+            payload = safejson.loads_object(body)
+        except safejson.JsonError as exc:
+            raise ApiError("SerializationException", str(exc)) from None
         validate_input(payload, OPERATIONS[op][0])
         return self.api.operations[op](caller, payload)

@@ -10,10 +10,11 @@ the AWS CLI prints them as it would against AWS.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
@@ -21,6 +22,18 @@ from controlplane.errors import ApiError
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_SKEW_SECONDS = 15 * 60
+# ~200 bytes an entry, so 40 MB at most; the throttle (50/s a key) keeps it far from full.
+REPLAY_CACHE_ENTRIES = 200_000
+# Headers whose value decides what a request does: a signature that leaves one out could be
+# replayed with another value (a captured GetGateway rewritten to DeleteGateway). botocore
+# signs all of these for the JSON protocols. (name, always): always required, or only when
+# the request carries that header.
+REQUIRED_SIGNED: tuple[tuple[str, bool], ...] = (
+    ("host", True),
+    ("x-amz-date", True),
+    ("x-amz-target", False),
+    ("content-type", False),
+)
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+)\s*,\s*"
@@ -30,10 +43,66 @@ _AUTH_RE = re.compile(
 
 @dataclass(frozen=True)
 class Caller:
-    """Who signed a request, and for which region."""
+    """Who signed a request, and for which region; the signature and its date, for the
+    replay cache (not part of the caller's identity)."""
 
     access_key_id: str
     region: str
+    signature: str = field(default="", compare=False, repr=False)
+    signed_at: float = field(default=0.0, compare=False, repr=False)
+
+
+class ReplayCache:
+    """The signatures accepted within the skew window, so each is accepted once.
+
+    A signature is only valid for MAX_SKEW_SECONDS either side of its X-Amz-Date, so an entry
+    can be forgotten once its date is that far in the past: the skew check refuses it then.
+    Memory is bounded: when full, the entry with the oldest date goes and `low_water` rises to
+    that date, so anything dated at or before it is refused as a possible replay (the cache
+    can no longer tell). Evicting by date keeps that mark as low as possible.
+    """
+
+    def __init__(self, max_entries: int = REPLAY_CACHE_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self.low_water = float("-inf")
+        self._seen: set[bytes] = set()
+        self._by_date: list[tuple[float, bytes]] = []  # heap, oldest date first
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def remember(self, signature: str, signed_at: float, now: float) -> None:
+        """Record a valid signature; ApiError if it was used before or may have been."""
+        self._expire(now)
+        key = bytes.fromhex(signature)
+        if key in self._seen:
+            raise ApiError(
+                "InvalidSignatureException",
+                "Signature already used: this exact signed request was accepted before and "
+                "is refused as a replay; sign every request anew",
+            )
+        if signed_at <= self.low_water:
+            mark = datetime.fromtimestamp(self.low_water, UTC).strftime("%Y%m%dT%H%M%SZ")
+            raise ApiError(
+                "InvalidSignatureException",
+                f"Signature refused as a possible replay: the server's replay cache is full "
+                f"and only accepts requests dated after {mark}; sign again with the current "
+                "time",
+            )
+        if len(self._seen) >= self.max_entries:
+            date, oldest = heapq.heappop(self._by_date)
+            self._seen.discard(oldest)
+            self.low_water = max(self.low_water, date)
+        self._seen.add(key)
+        heapq.heappush(self._by_date, (signed_at, key))
+
+    def _expire(self, now: float) -> None:
+        horizon = now - MAX_SKEW_SECONDS
+        while self._by_date and self._by_date[0][0] < horizon:
+            _, key = heapq.heappop(self._by_date)
+            self._seen.discard(key)
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
@@ -108,7 +177,11 @@ def verify(
     service: str,
     now: float,
 ) -> Caller:
-    """Check a signed request; `headers` maps lower-case names to every value received."""
+    """Check a signed request; `headers` maps lower-case names to every value received.
+
+    Whether the signature was used before is the caller's to ask (ReplayCache.remember),
+    once it knows the call will be served: a throttled call must not use up its signature.
+    """
     auth = headers.get("authorization")
     if not auth:
         raise ApiError("MissingAuthenticationTokenException", "Missing Authentication Token")
@@ -166,12 +239,11 @@ def verify(
             f"{server}; check the client's clock",
         )
     signed = m.group("headers").split(";")
-    if "host" not in signed:
-        raise ApiError("InvalidSignatureException", "The Host header must be signed")
     if signed != sorted(signed) or any(n != n.lower() for n in signed):
         raise ApiError(
             "InvalidSignatureException", "SignedHeaders must be lower case and sorted"
         )
+    _require_signed(signed, headers)
     payload_hash = hashlib.sha256(body).hexdigest()
     declared = (headers.get("x-amz-content-sha256") or [None])[0]
     if declared is not None and declared != payload_hash:
@@ -197,4 +269,15 @@ def verify(
             "The request signature we calculated does not match the signature you provided. "
             "Check your AWS Secret Access Key and signing method.",
         )
-    return Caller(access_key, region)
+    return Caller(access_key, region, m.group("sig"), signed_at.timestamp())
+
+
+def _require_signed(signed: Sequence[str], headers: Mapping[str, Sequence[str]]) -> None:
+    """Refuse a signature that leaves out a header deciding what the request does."""
+    for name, always in REQUIRED_SIGNED:
+        if name not in signed and (always or name in headers):
+            raise ApiError(
+                "InvalidSignatureException",
+                f"'{name}' must be a 'SignedHeader' in the AWS Authorization "
+                f"(SignedHeaders={';'.join(signed)})",
+            )

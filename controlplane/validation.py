@@ -19,6 +19,8 @@ from controlplane.errors import validation
 
 # Shapes whose contents another module validates (the schedule model gives better messages).
 DELEGATED = {"BandwidthRateLimitInterval"}
+# JSON may spell an unpaired surrogate (a \ud800 escape); no UTF-8 store or reply holds it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @cache
@@ -62,6 +64,9 @@ def check(value: Any, shape_name: str, path: str, problems: list[str]) -> None:
     if kind == "string":
         if not isinstance(value, str):
             problems.append(f"Value at '{path}' must be a string")
+            return
+        if _SURROGATE.search(value):
+            problems.append(f"Value at '{path}' must be valid Unicode (no unpaired surrogates)")
             return
         if "enum" in shape and value not in shape["enum"]:
             problems.append(f"{fail} satisfy enum value set: [{', '.join(shape['enum'])}]")
