@@ -5,21 +5,27 @@ Two halves:
   local API's POST /v1/activation-key so the console and curl get the same answers;
 - a deliberately small HTTP/1.1 server (`ActivationServer`). Port 80 faces whatever network
   the VM sits on, and it only ever needs one request shape, so it is written to be hard to
-  tie up: bounded request head, bounded body, a deadline for the whole request, a cap on
-  connections, and one request per connection (`Connection: close`).
+  tie up: bounded request head and body, one request per connection (`Connection: close`),
+  strict parsing (every malformed head is a 4xx, never the 500 path), and incomplete requests
+  admitted by `appliance.connguard` (a deadline from connect that trickled bytes do not
+  extend, a per-address cap, the oldest evicted first) so slow clients cannot keep a real
+  one out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from appliance import regions
+from appliance.connguard import ConnectionGuard
 
 log = logging.getLogger("appliance.activation")
 
@@ -27,12 +33,28 @@ GATEWAY_TYPES = ("BACKUP_VM",)
 ENDPOINT_TYPES = ("STANDARD", "DUALSTACK")
 IP_VERSIONS = ("ipv4", "ipv6")
 
-MAX_HEAD_BYTES = 8192  # request line + headers
+# --- port 80 limits ------------------------------------------------------------------------
+# A real client (curl, a browser, an SDK) sends its whole request in one segment within
+# milliseconds: these are generous for it and small for a client that idles on purpose.
+MAX_HEAD_BYTES = 8192  # request line + headers: a browser's GET / is well under 2 KB
 MAX_HEADERS = 64
 MAX_BODY_BYTES = 1024  # GET carries no body; allow a little, refuse more
-REQUEST_DEADLINE = 10.0  # seconds to receive the whole request (slowloris bound)
-WRITE_DEADLINE = 10.0
-MAX_CONNECTIONS = 256
+# Seconds from connect until the whole request (head and body) has arrived; trickled bytes do
+# not extend it. 5 s leaves a real client on a lossy link room for a few retransmissions and
+# is all a slow client can hold a slot for.
+REQUEST_DEADLINE = 5.0
+# Incomplete requests in all: each costs a task and up to 2 x MAX_HEAD_BYTES of buffer, so
+# 256 is a few MB. When full the oldest goes, never the newcomer (appliance.connguard).
+MAX_PENDING = 256
+# Incomplete requests per IPv4 address / IPv6 /64: past it, a newcomer evicts that address's
+# own oldest, so a slow client at one address only ever competes with itself. A browser holds
+# up to 6 (plus idle preconnects), but a site behind one NAT or a test harness holds dozens;
+# a quarter of MAX_PENDING still takes four such addresses to fill the table.
+MAX_PENDING_PER_ADDRESS = 64
+# Requests received and being answered at once (each may wait for the control plane to issue
+# a key): bounds the key requests a flood can have in flight; beyond it the answer is 503.
+MAX_SERVING = 64
+WRITE_DEADLINE = 10.0  # a response is under 1 KB: the kernel takes it unless the peer is gone
 
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -167,6 +189,7 @@ _REASONS = {
     409: "Conflict",
     410: "Gone",
     413: "Content Too Large",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -175,74 +198,192 @@ _REASONS = {
     505: "HTTP Version Not Supported",
 }
 
+# RFC 9110 token (method, header name); the request line is printable ASCII with single spaces.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) (HTTP/[0-9]\.[0-9])")
+_PRINTABLE_ASCII = re.compile(r"[ -~]*")
+_HEADER_NAME = re.compile(_TOKEN)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # any control character but HTAB
+# ASCII digits only: str.isdigit() accepts '²' (which int() refuses) and int() of thousands of
+# digits raises; ten digits is far above MAX_BODY_BYTES and far below either problem.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,10}")
+
+TOO_SLOW = (
+    f"request not received in time: the whole request must arrive within "
+    f"{REQUEST_DEADLINE:g}s of connecting, and the oldest incomplete requests are closed first "
+    "when more arrive\n"
+)
+
 
 class _Reject(Exception):
+    """A request we answer with a 4xx (or 505): `str(exc)` is the one-line body."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
-class ActivationServer:
-    """The port-80 server: one `GET /` per connection, everything else answered and closed."""
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    target: str
 
-    def __init__(self, issue_key: KeyIssuer) -> None:
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    method: str = "-"
+    path: str = "-"
+
+
+def _parse_head(head: bytes) -> tuple[_Request, int]:
+    """The request line and the body length of a complete head (ending in CRLF CRLF).
+
+    Every rule that a head can break raises `_Reject` here, so no input reaches the server's
+    generic error path.
+    """
+    if len(head) > MAX_HEAD_BYTES:
+        raise _Reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+    lines = head.decode("latin-1").split("\r\n")  # latin-1 maps every byte: never raises
+    request = _request_line(lines[0])
+    fields = [line for line in lines[1:] if line]
+    if len(fields) > MAX_HEADERS:
+        raise _Reject(431, f"more than {MAX_HEADERS} header fields")
+    headers: dict[str, list[str]] = {}
+    for line in fields:
+        name, sep, value = line.partition(":")
+        if not sep or not _HEADER_NAME.fullmatch(name) or _CONTROL.search(value):
+            raise _Reject(400, "malformed header field")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    if "transfer-encoding" in headers:
+        raise _Reject(400, "request bodies with Transfer-Encoding are not accepted")
+    return request, _content_length(headers.get("content-length", ["0"]))
+
+
+def _request_line(line: str) -> _Request:
+    if not _PRINTABLE_ASCII.fullmatch(line):
+        raise _Reject(400, "malformed request line: control or non-ASCII characters")
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise _Reject(400, "malformed request line")
+    method, target, version = match.groups()
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _Reject(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+    return _Request(method, target)
+
+
+def _content_length(values: list[str]) -> int:
+    if len(set(values)) != 1 or not _CONTENT_LENGTH.fullmatch(values[0]):
+        raise _Reject(400, "Content-Length must be one number of at most 10 ASCII digits")
+    length = int(values[0])
+    if length > MAX_BODY_BYTES:
+        raise _Reject(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    return length
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """(path, query) of an origin-form (`/?q`) or absolute-form (`http://h/?q`) target."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path.partition("#")[0], query.partition("#")[0]
+    if target.lower().startswith(("http://", "https://")):
+        try:
+            split = urlsplit(target)
+        except ValueError:  # e.g. `http://[::1/`: an unclosed IPv6 literal
+            raise _Reject(400, "malformed request target") from None
+        return split.path or "/", split.query
+    raise _Reject(400, "malformed request target")
+
+
+def _render(status: int, headers: Mapping[str, str], body: str) -> bytes:
+    """A whole response: plain text, one request per connection."""
+    data = body.encode()
+    head = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data
+
+
+def _close_incomplete(transport: asyncio.WriteTransport) -> None:
+    """The guard's close for an incomplete request: say why (408), then close.
+
+    A real client that was merely slow learns what happened; the answer is one small write
+    into an empty socket buffer, so it costs a slow client's sender nothing to hold. If the
+    kernel did not take it at once, the connection is aborted rather than left waiting.
+    """
+    if transport.is_closing():
+        return
+    transport.write(_render(408, {}, TOO_SLOW))
+    if transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
+
+
+def _remote(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else "-"
+
+
+class ActivationServer:
+    """The port-80 server: one `GET /` per connection, everything else answered and closed.
+
+    A connection is admitted by a `ConnectionGuard` while its request is incomplete (the
+    slowloris bound: deadline from connect, per-address cap, oldest evicted first), and counts
+    against MAX_SERVING once its request has arrived and is being answered.
+    """
+
+    def __init__(self, issue_key: KeyIssuer, guard: ConnectionGuard | None = None) -> None:
         self.issue_key = issue_key
-        self.connections = 0
+        self.guard = guard or ConnectionGuard(
+            max_pending=MAX_PENDING, per_address=MAX_PENDING_PER_ADDRESS,
+            head_deadline=REQUEST_DEADLINE, name="activation",
+        )
+        self.serving = 0
+
+    async def serve(self, sock: socket.socket) -> asyncio.Server:
+        """Answer on a listening socket. The stream limit is the head limit, so a head that
+        never ends is refused (431) without buffering more than about twice that."""
+        return await asyncio.start_server(
+            self.handle, sock=sock, limit=MAX_HEAD_BYTES, start_serving=True
+        )
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        remote = peer[0] if isinstance(peer, tuple) else "-"
-        if self.connections >= MAX_CONNECTIONS:
-            log.warning("event=http_refused reason=too_many_connections remote=%s", remote)
-            writer.close()
-            return
-        self.connections += 1
+        remote = _remote(writer)
+        ticket = self.guard.admit(remote, functools.partial(_close_incomplete, writer.transport))
         try:
-            status, headers, body, method, path = await self._respond(reader)
-            await self._write(writer, status, headers, body)
+            try:
+                received: _Request | _Reject = await self._receive(reader)
+            except _Reject as exc:
+                received = exc
+            if ticket.evicted:  # closed (and answered 408) by the guard meanwhile
+                return
+            ticket.head_received()
+            answer = await self._answer_within_cap(received)
+            writer.write(_render(answer.status, answer.headers, answer.body))
+            await asyncio.wait_for(writer.drain(), WRITE_DEADLINE)
             log.info(
                 "event=http_request remote=%s method=%s path=%s status=%d",
-                remote, method, path, status,
+                remote, answer.method, answer.path, answer.status,
             )
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass
+            pass  # the client went away (or was evicted) or stopped reading: no one to answer
         finally:
-            self.connections -= 1
+            ticket.done()
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
-    async def _respond(
-        self, reader: asyncio.StreamReader
-    ) -> tuple[int, dict[str, str], str, str, str]:
-        method, path = "-", "-"
-        try:
-            method, target = await asyncio.wait_for(self._read_request(reader), REQUEST_DEADLINE)
-            if target.startswith("/"):  # origin form (the usual)
-                path, _, query = target.partition("?")
-                path = path.partition("#")[0]
-            elif target.lower().startswith(("http://", "https://")):  # absolute form
-                split = urlsplit(target)
-                path, query = split.path or "/", split.query
-            else:
-                raise _Reject(400, "malformed request target")
-            if path != "/":
-                raise _Reject(404, f"not found: {path[:200]}; the activation page is GET /")
-            if method != "GET":
-                body = f"method {method} not allowed; use GET\n"
-                return 405, {"Allow": "GET"}, body, method, path
-            return (*await self._activation(query.partition("#")[0]), method, path)
-        except _Reject as exc:
-            return exc.status, {}, f"{exc}\n", method, path
-        except TimeoutError:
-            return 408, {}, "request not received in time\n", method, path
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise
-        except Exception:  # a bug or a failed state write: one line, never a traceback
-            log.exception("event=http_error method=%s path=%s", method, path)
-            return 500, {}, "internal error; see the appliance log\n", method, path
-
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str]:
+    @staticmethod
+    async def _receive(reader: asyncio.StreamReader) -> _Request:
+        """Read the head and its (small, ignored) body; no deadline here: the guard's applies."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
@@ -251,38 +392,41 @@ class ActivationServer:
             if len(exc.partial) >= MAX_HEAD_BYTES:
                 raise _Reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes") from None
             raise
-        if len(head) > MAX_HEAD_BYTES:
-            raise _Reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
-        try:
-            lines = head.decode("latin-1").split("\r\n")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
-            raise _Reject(400, "request head is not text") from None
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
-            raise _Reject(400, "malformed request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            raise _Reject(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
-        header_lines = [line for line in lines[1:] if line]
-        if len(header_lines) > MAX_HEADERS:
-            raise _Reject(431, f"more than {MAX_HEADERS} header fields")
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise _Reject(400, "malformed header field")
-            headers[name.lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise _Reject(400, "request bodies with Transfer-Encoding are not accepted")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
-            raise _Reject(400, "Content-Length must be a number")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise _Reject(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        request, length = _parse_head(head)
         if length:
             await reader.readexactly(length)
-        return method, target
+        return request
+
+    async def _answer_within_cap(self, received: _Request | _Reject) -> _Answer:
+        if self.serving >= MAX_SERVING:
+            log.warning("event=http_busy serving=%d", self.serving)
+            return _Answer(503, "too many requests in progress; try again in a few seconds\n")
+        self.serving += 1
+        try:
+            return await self._answer(received)
+        finally:
+            self.serving -= 1
+
+    async def _answer(self, received: _Request | _Reject) -> _Answer:
+        if isinstance(received, _Reject):
+            return _Answer(received.status, f"{received}\n")
+        method = received.method
+        try:
+            path, query = _split_target(received.target)
+        except _Reject as exc:
+            return _Answer(exc.status, f"{exc}\n", method=method)
+        if path != "/":
+            body = f"not found: {path[:200]}; the activation page is GET /\n"
+            return _Answer(404, body, method=method, path=path)
+        if method != "GET":
+            body = f"method {method} not allowed; use GET\n"
+            return _Answer(405, body, {"Allow": "GET"}, method, path)
+        try:
+            status, headers, body = await self._activation(query)
+        except Exception:  # a bug or a failed state write: never input (_parse_head's rules)
+            log.exception("event=http_error method=%s path=%s", method, path)
+            status, headers, body = 500, {}, "internal error; see the appliance log\n"
+        return _Answer(status, body, headers, method, path)
 
     async def _activation(self, query: str) -> tuple[int, dict[str, str], str]:
         try:
@@ -297,19 +441,3 @@ class ActivationServer:
             return 200, {}, f"{result.key}\n"
         location = console_location(req, result.key)
         return 302, {"Location": location}, f"activation key {result.key}: see {location}\n"
-
-    @staticmethod
-    async def _write(
-        writer: asyncio.StreamWriter, status: int, headers: dict[str, str], body: str
-    ) -> None:
-        data = body.encode()
-        head = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-            "Content-Type: text/plain; charset=utf-8",
-            f"Content-Length: {len(data)}",
-            "Connection: close",
-            "Cache-Control: no-store",
-            *(f"{k}: {v}" for k, v in headers.items()),
-        ]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
-        await asyncio.wait_for(writer.drain(), WRITE_DEADLINE)

@@ -50,11 +50,13 @@ class StartupError(Exception):
 class UploadRefused(Exception):
     """An upload the daemon will not (or could not) forward: the local API's error answer."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 existing: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.field = field
+        self.existing = existing  # AlreadyExists: the object stored under the name
 
 
 # Connecting is bounded; sending is not: at 51,200 bit/s a large backup takes hours.
@@ -111,9 +113,7 @@ class Daemon:
             sock = self._bind(address)
             if sock is None:
                 continue
-            server = await asyncio.start_server(
-                activation.handle, sock=sock, limit=8192, start_serving=True
-            )
+            server = await activation.serve(sock)
             self._servers.append(server)
             bound.append(str(address))
         if not bound:
@@ -245,6 +245,8 @@ class Daemon:
             self._forget(exc.gateway_arn)
             raise KeyRefused(410, self._deleted_message(exc.gateway_arn), exc.code)
         log.warning("event=key_refused code=%s reason=%s", exc.code, str(exc))
+        if exc.code == "Throttled":
+            raise KeyRefused(429, f"the control plane is busy: {exc}", exc.code)
         raise KeyRefused(502, f"control plane refused the key request: {exc.code}: {exc}", exc.code)
 
     @staticmethod
@@ -271,7 +273,7 @@ class Daemon:
         try:
             check_name(name)
         except UploadError as exc:
-            return UploadRefused(400, "ValidationError", str(exc).split(": ", 1)[1], "name")
+            return UploadRefused(400, "ValidationError", exc.message, "name")
         st = self.state
         if st.deleted:
             return UploadRefused(
@@ -285,11 +287,15 @@ class Daemon:
             )
         return None
 
-    async def upload(self, name: str, source: AsyncIterable[bytes]) -> UploadResult:
+    async def upload(
+        self, name: str, source: AsyncIterable[bytes], replace: bool = False
+    ) -> UploadResult:
         """Forward `source` to the control plane through the gateway's one shaper.
 
         Streamed piece by piece: nothing is buffered beyond a piece, so a body of any size
-        costs the same memory. Raises UploadRefused with the local API's answer.
+        costs the same memory. `source` is first read only once the control plane has
+        accepted the upload (Expect: 100-continue on the link). `replace`: overwrite an
+        object stored under `name`. Raises UploadRefused with the local API's answer.
         """
         refusal = self.upload_refusal(name)
         if refusal is not None:
@@ -307,7 +313,7 @@ class Daemon:
         try:
             return await send_upload(
                 self._upload_session, self.settings.control_plane_url, self.identity, name,
-                source, self.shaper,
+                source, self.shaper, replace=replace,
             )
         except ShaperClosed:
             raise UploadRefused(503, "ShuttingDown", "the daemon is stopping; retry") from None
@@ -318,8 +324,10 @@ class Daemon:
                 self._uploads.discard(task)
 
     def _upload_error(self, exc: UploadError) -> UploadRefused:
-        message = str(exc).split(": ", 1)[-1]
+        message = exc.message
         url = self.settings.control_plane_url
+        if exc.code == "AlreadyExists":
+            return UploadRefused(409, "AlreadyExists", message, "name", exc.existing)
         if exc.code == "ConnectionError" or exc.status >= 500:
             return UploadRefused(
                 504, "ControlPlaneUnreachable", f"control plane {url} unreachable: {message}"
@@ -354,6 +362,18 @@ class Daemon:
                 answer = await self.link.poll(
                     after=st.config_version, wait=0 if quick else POLL_WAIT
                 )
+            except Refused as exc:
+                if exc.code == "UnknownGateway" and not st.activated:
+                    # The control plane forgets identities that never activate (a day after
+                    # their last key expired): stop polling until a key is asked for again.
+                    log.info("event=registration_lapsed")
+                    self._save(registered=False)
+                    continue
+                quick = True
+                delay = backoff.next_delay()
+                log.warning("event=link_retry delay=%.1f reason=%s", delay, str(exc))
+                await sleep_or_wake(self._wake_poll, delay)
+                continue
             except LinkError as exc:
                 quick = True
                 delay = backoff.next_delay()

@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from aiohttp import web
 
 from appliance import linkproto, safejson
 from appliance.atomicfile import fsync_dir
+from appliance.connguard import address_key
 from controlplane.clock import Clock
 from controlplane.sigv4 import REGION_RE
 from controlplane.store import Identity, Store, StoreError, UploadExists, UploadRecord
@@ -102,20 +102,8 @@ class _Bucket:
 
 
 def source_of(remote: str | None) -> str:
-    """The throttling key of a peer address: the IPv4 address, or the IPv6 /64.
-
-    A /64 is what one IPv6 host can pick addresses from at will; throttling a single IPv6
-    address would let one host register without limit.
-    """
-    try:
-        addr = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return "unknown"
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
+    """The throttling key of a peer: the same unit as the listener's per-address cap."""
+    return address_key(remote) if remote else "unknown"
 
 
 class RegistrationThrottle:
@@ -389,7 +377,15 @@ class GatewayLink:
     # -- POST /gateway/activation-key -----------------------------------------------------
 
     def _throttle_registration(self, request: web.Request) -> None:
-        """Refuse (429) before any work is done when the source registers too often."""
+        """Refuse (429) before any work is done when the source registers too often.
+
+        Only new identities count: a known one's request is checked against its stored
+        public key before anything is written, and its open keys are capped per identity
+        (Store.issue_key), so re-asking for a key cannot grow the database.
+        """
+        key_id = request.headers.get(linkproto.H_KEY_ID, "")
+        if linkproto.is_key_id(key_id) and self.store.identity(key_id) is not None:
+            return
         wait = self.registrations.check(source_of(request.remote))
         if wait is not None:
             seconds = max(1, math.ceil(wait))

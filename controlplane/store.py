@@ -124,6 +124,9 @@ PURGE_QUERIES = {
 # registers again by itself when a new key is asked for, so nothing is lost by the delete.
 # Bounded, so the rows a stranger can make are at most (registration rate) x 24.5 h.
 PENDING_RETENTION = 24 * 3600.0
+# Unused keys one identity may hold at once: a new key beyond it retires the oldest, so a
+# gateway asked for keys in a loop keeps a constant number of rows.
+MAX_OPEN_KEYS = 10
 
 DB_FILE = "controlplane.sqlite3"
 
@@ -366,6 +369,12 @@ class Store:
                 " vpc_endpoint, issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, key_id, region, endpoint_type, ip_version, vpc_endpoint, now,
                  now + lifetime),
+            )
+            db.execute(
+                "DELETE FROM activation_keys WHERE key IN (SELECT key FROM activation_keys"
+                " WHERE key_id=? AND used_at IS NULL ORDER BY issued_at DESC, rowid DESC"
+                " LIMIT -1 OFFSET ?)",
+                (key_id, MAX_OPEN_KEYS),
             )
         return ActivationKey(key, key_id, region, endpoint_type, ip_version, vpc_endpoint, now,
                              now + lifetime, None)

@@ -26,7 +26,7 @@ from appliance import linkproto
 from appliance.identity import Identity
 from controlplane import gatewaylink
 from controlplane.gatewaylink import RegistrationThrottle, source_of
-from controlplane.store import DB_FILE, PURGE_QUERIES, Store, UploadRecord
+from controlplane.store import DB_FILE, MAX_OPEN_KEYS, PURGE_QUERIES, Store, UploadRecord
 from tests.conftest import PYTHON, REPO, ControlPlane, Proc, child_env, free_port, wait_until
 from tests.controlplane.cpharness import REGION, LinkResponse, Server, new_identity
 
@@ -177,6 +177,25 @@ def test_global_ceiling_bounds_many_sources() -> None:
                                     clock=lambda: now[0])
     allowed = sum(throttle.check(f"10.0.{i // 256}.{i % 256}") is None for i in range(1000))
     assert allowed == 240
+
+
+def test_a_known_identity_asking_again_is_not_throttled_and_keeps_few_keys(
+    server: Server,
+) -> None:
+    """Re-asking with the same identity (a user reloading port 80) is answered every time,
+    past the per-source burst, and stores at most MAX_OPEN_KEYS keys for it."""
+    link = server.link()
+    asks = int(gatewaylink.REGISTRATION_BURST) + 15
+    keys = [link.key() for _ in range(asks)]
+    assert len(set(keys)) == asks
+    db = server.plane.store
+    rows = db._db.execute(
+        "SELECT count(*) FROM activation_keys WHERE key_id=?", (link.identity.key_id,)
+    ).fetchone()[0]
+    assert rows == MAX_OPEN_KEYS
+    # the newest keys are the ones kept: the last one activates
+    server.ok("create-gateway", "--activation-key", keys[-1], "--gateway-display-name", "k",
+              "--gateway-type", "BACKUP_VM")
 
 
 def test_housekeeping_queries_use_indexes(tmp_path: Path) -> None:
