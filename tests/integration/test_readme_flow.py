@@ -1,43 +1,247 @@
-"""The README's activation flow, exactly as printed, against real processes on loopback."""
+"""The README's commands, read from README.md and run as printed, against real processes.
+
+The ```sh blocks of "Two commands" and "Without a VM" are parsed from the README itself, so
+an edit that breaks a command breaks this test. Only these are replaced:
+
+- the placeholder the README asks the reader to fill in: `KEY` (the key curl printed);
+- where the README's fixed setup lives on this machine: 127.0.0.1:8443 and 127.0.0.1:8080
+  become free ports (the tests run beside other processes), `build/controlplane` and
+  `/tmp/gw` temporary directories, `.venv/bin/` the virtualenv running the tests.
+
+The shell variable `ARN` is not replaced: the README's own `ARN=$(...)` line sets it. Each
+command runs in bash from the repository root; `eval`s and assignments are replayed before
+the commands after them, as in the reader's shell. `make run`/`make test` (a VM boot, the
+whole suite) are only checked to be targets the Makefile has. Every command must be one the
+test knows how to check: a new command in these blocks fails it until the test learns it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
+
+from tests.conftest import REPO, Proc, child_env, free_port
 
 pytestmark = pytest.mark.slow
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
+README = REPO / "README.md"
+VENV_BIN = Path(sys.executable).parent
 
 
-def test_curl_key_then_aws_cli_create_gateway(
-    control_plane: Any, appliance: Any, wait_until: Any
+def section_blocks(title: str) -> list[str]:
+    """The ```sh blocks between the heading `title` and the next heading of any level."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip("#").strip() == title
+                 and line.startswith("#"))
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in lines[start + 1:]:
+        if current is None and line.startswith("#"):
+            break
+        if current is None and line.strip() == "```sh":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    assert blocks, f"no ```sh block under {title!r} in README.md"
+    return blocks
+
+
+def commands(block: str) -> list[str]:
+    """One string per command: continuations joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", "", block)
+    lines = (re.sub(r"(^|\s+)#.*$", "", line).strip() for line in joined.splitlines())
+    return [line for line in lines if line]
+
+
+class Shell:
+    """Runs README commands in bash with the test's values substituted for the README's."""
+
+    def __init__(self, values: dict[str, str], env: dict[str, str]) -> None:
+        self.values = values
+        self.env = env
+        self.state: list[str] = []  # eval and assignment lines, replayed before each command
+        self.used: set[str] = set()
+
+    def substitute(self, command: str) -> str:
+        for readme_value, ours in self.values.items():
+            if readme_value in command:
+                self.used.add(readme_value)
+                command = command.replace(readme_value, ours)
+        return command
+
+    def run(self, command: str) -> str:
+        """Run one command (after the replayed state); its stdout. Fails on a non-zero exit."""
+        script = "\n".join(["set -euo pipefail", *self.state, self.substitute(command)])
+        done = subprocess.run(["bash", "-c", script], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stderr}"
+        return done.stdout
+
+    def keep(self, command: str) -> None:
+        """An `eval` or an assignment: run it now (it must work), replay it from now on."""
+        self.run(command)
+        self.state.append(self.substitute(command))
+
+
+def aws_env() -> dict[str, str]:
+    """No credentials but what the README's `eval` line exports; no user config."""
+    env = child_env(AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_CONFIG_FILE=os.devnull,
+                    AWS_EC2_METADATA_DISABLED="true", AWS_PAGER="")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        env.pop(key, None)
+    return env
+
+
+def key_from(out: str) -> str:
+    key = out.splitlines()[0].strip()
+    assert KEY_RE.match(key), out
+    return key
+
+
+def test_two_commands_section_as_printed(
+    control_plane: Any, appliance: Any, wait_until: Callable[..., Any]
 ) -> None:
-    status, headers, body = appliance.get(
-        "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&endpointType=DUALSTACK"
-        "&ipVersion=ipv4&no_redirect"
-    )
-    assert status == 200, body
-    assert headers["content-type"].startswith("text/plain")
-    key = body.splitlines()[0]
-    assert KEY_RE.match(key), body
+    """What `make run` would start is stood in for by the fixtures: the control plane (its
+    state in place of build/controlplane) and the daemon (its port 80 in place of 8080)."""
+    cp, app = control_plane, appliance
+    first, flow, schedule = section_blocks("Two commands")
+    for command in commands(first):
+        target = re.fullmatch(r"make (\S+)", command)
+        assert target, command
+        dry = subprocess.run(["make", "-n", target.group(1)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert dry.returncode == 0, f"`{command}`: {dry.stderr}"
 
-    out = control_plane.aws(
-        "create-gateway", "--activation-key", key, "--gateway-display-name", "demo",
-        "--gateway-type", "BACKUP_VM", region="us-west-2",
-    )
-    arn = out["GatewayArn"]
-    assert arn.startswith("arn:aws:backup-gateway:us-west-2:")
+    shell = Shell({"127.0.0.1:8443": f"127.0.0.1:{cp.port}",
+                   "127.0.0.1:8080": f"127.0.0.1:{app.port}",
+                   "build/controlplane": str(cp.state_dir),
+                   ".venv/bin/": f"{VENV_BIN}/"}, aws_env())
+    key = arn = rate = None
+    for command in commands(flow) + commands(schedule):
+        if re.match(r"eval |[A-Za-z_]+=", command):
+            shell.keep(command)
+        elif command.startswith("curl "):
+            key = key_from(shell.run(command))
+        elif "create-gateway" in command:
+            assert key is not None and re.search(r"\bKEY\b", command), command
+            out = json.loads(shell.run(re.sub(r"\bKEY\b", key, command)))
+            arn = out["GatewayArn"]
+            doc = wait_until(lambda: (s := app.status())["activated"] and s, what="activation")
+            assert doc["gatewayArn"] == arn and doc["controlPlane"]["reachable"] is True
+            name = re.search(r"--gateway-display-name (\S+)", command)
+            assert name and doc["gatewayName"] == name.group(1)
+        elif "list-gateways" in command:
+            gateways = json.loads(shell.run(command))["Gateways"]
+            assert [g["GatewayArn"] for g in gateways] == [arn]
+        elif "put-bandwidth-rate-limit-schedule" in command:
+            found = re.search(r"AverageUploadRateLimitInBitsPerSec=(\d+)", command)
+            assert found, command
+            rate = int(found.group(1))
+            shell.run(command)
+            # "Within a second the appliance enforces it": 5 s, for a loaded machine.
+            wait_until(lambda r=rate: app.api("GET", "/v1/shaping")[1]["limitBitsPerSec"] == r,
+                       5.0, f"the daemon to enforce {rate} bit/s")
+        elif "get-bandwidth-rate-limit-schedule" in command:
+            out = json.loads(shell.run(command))
+            assert out["GatewayArn"] == arn
+            [interval] = out["BandwidthRateLimitIntervals"]
+            assert interval["AverageUploadRateLimitInBitsPerSec"] == rate
+        else:
+            raise AssertionError(f"a README command this test does not check: {command}")
+    assert arn is not None and rate is not None, "the README lost its activation or schedule"
+    assert shell.used == {"127.0.0.1:8443", "127.0.0.1:8080", "build/controlplane",
+                          ".venv/bin/"}, shell.used
 
-    doc = wait_until(lambda: (s := appliance.status())["activated"] and s, what="activation")
-    assert doc["gatewayArn"] == arn
-    assert doc["gatewayName"] == "demo"
-    assert doc["region"] == "us-west-2"
-    assert doc["controlPlane"]["reachable"] is True
 
-    # Once activated, the page refuses with 409 naming the ARN.
-    status, _, body = appliance.get("/?activationRegion=us-west-2&no_redirect")
-    assert status == 409
-    assert arn in body
+@pytest.fixture
+def gw_dir() -> Iterator[Path]:
+    """In place of the README's /tmp/gw: short, since it holds the local API's socket."""
+    path = Path(f"/tmp/gw-test-{os.getpid()}")
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path) -> None:
+    cp_port, app_port = free_port(), free_port()
+    shell = Shell({"127.0.0.1:8443": f"127.0.0.1:{cp_port}",
+                   "127.0.0.1:8080": f"127.0.0.1:{app_port}",
+                   "build/controlplane": str(tmp_path / "controlplane"),
+                   "/tmp/gw": str(gw_dir),
+                   ".venv/bin/": f"{VENV_BIN}/"}, child_env())
+    [block] = section_blocks("Without a VM")
+    background: list[Proc] = []
+    console: pexpect.spawn | None = None
+    readme = README.read_text()
+    login = re.search(r"log in as `(\w+)` with the password `([^`]+)`", readme)
+    assert login, "the README no longer says how to log in to the console"
+    try:
+        for command in commands(block):
+            if command.startswith("make ") and command.endswith("&"):
+                # What make runs for the target (its venv steps are printed, not run).
+                target = command.split()[1]
+                dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True,
+                                     text=True, timeout=60, check=True).stdout
+                [serve] = [line for line in dry.splitlines() if " serve " in line]
+                proc = Proc(shlex.split(shell.substitute(serve)), env=child_env())
+                background.append(proc)
+                proc.wait_for_line(r"event=ready")
+            elif command.endswith("&"):
+                proc = Proc(shlex.split(shell.substitute(command[:-1])), env=child_env())
+                background.append(proc)
+                line = proc.wait_for_line(r"event=ready")
+                assert f"control_plane=http://127.0.0.1:{cp_port}" in line, line
+            elif command.startswith("curl "):
+                key_from(shell.run(command))
+            elif " -m appliance status" in command:
+                out = shell.run(command)
+                assert re.search(rf"Control plane\s+http://127\.0\.0\.1:{cp_port}\b", out), out
+                assert re.search(r"reachable\s+yes", out), out
+            elif " -m appliance console" in command:
+                console = pexpect.spawn(
+                    "bash", ["-c", shell.substitute(command)], cwd=str(REPO),
+                    env={**child_env(), "TERM": "vt100", "HOME": str(tmp_path)},
+                    dimensions=(24, 80), timeout=30, encoding="utf-8", codec_errors="replace",
+                )
+                user, password = login.groups()
+                console.expect("login:")
+                console.sendline(user)
+                console.expect("Password:")
+                console.sendline(password)
+                # "you must choose a new one at once"
+                console.expect("New password:")
+                console.sendline("readme-Passw0rd")
+                console.expect("Retype new password:")
+                console.sendline("readme-Passw0rd")
+                console.expect("Enter command:")
+                console.sendline("x")  # "x logs out"
+                console.expect("login:")
+            else:
+                raise AssertionError(f"a README command this test does not check: {command}")
+        assert len(background) == 2 and console is not None, "the README lost a step"
+        assert shell.used == set(shell.values), shell.used
+    finally:
+        if console is not None:
+            console.terminate(force=True)
+        for proc in reversed(background):
+            with contextlib.suppress(Exception):
+                proc.stop()

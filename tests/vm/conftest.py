@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmharness import REPO, ControlPlane, Guest  # type: ignore[import-not-found]
+from vmharness import (  # type: ignore[import-not-found]
+    OVA_BUILD_TIMEOUT,
+    REPO,
+    ControlPlane,
+    Guest,
+)
 
 from tools.image.vm import extract_disk
 
@@ -36,7 +41,7 @@ def appliance_ova() -> Path:
         return path
     out = REPO / "build" / "test-image" / f"backup-gateway-{_version()}.ova"
     subprocess.run([str(REPO / "tools/image/build-ova.sh"), _version(), str(out)],
-                   cwd=REPO, check=True, timeout=1500)
+                   cwd=REPO, check=True, timeout=OVA_BUILD_TIMEOUT)
     return out
 
 
@@ -70,7 +75,9 @@ def vm_control_plane(vm_workdir: Path) -> Iterator[ControlPlane]:
 @pytest.fixture(scope="module")
 def bios_guest(appliance_disk: Path, vm_workdir: Path, vm_control_plane: ControlPlane,
                accel: str) -> Iterator[Guest]:
-    """The BIOS-booted guest, shared by the checks of one module (a boot costs ~25 s)."""
+    """The BIOS-booted guest (powered on, maybe not up yet), shared by the checks of one
+    module: a boot costs 40-130 s under TCG. Tests wait for what they need through the
+    fixtures of their module, never through the order the tests run in."""
     guest = Guest("bios", appliance_disk, vm_workdir, vm_control_plane.port, "bios", accel)
     try:
         yield guest

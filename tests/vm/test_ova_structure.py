@@ -11,9 +11,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from vmharness import REPO  # type: ignore[import-not-found]
+from vmharness import REPO, vm_timeout  # type: ignore[import-not-found]
 
-pytestmark = pytest.mark.vm
+# Reading and hashing the 210 MiB OVA takes seconds; the build, when needed, comes on top.
+pytestmark = [pytest.mark.vm, vm_timeout(120)]
 
 OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
 RASD = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"

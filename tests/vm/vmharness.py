@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -30,6 +32,16 @@ from tools.image.vm import VmConfig, make_overlay  # noqa: E402
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
+# Without APPLIANCE_OVA the session builds the OVA (tests/vm/conftest.py, at most this long)
+# inside the setup of the first test that needs it, which pytest-timeout counts.
+OVA_BUILD_TIMEOUT = 1500
+
+
+def vm_timeout(seconds: float) -> pytest.MarkDecorator:
+    """A per-test deadline (pytest-timeout: setup, call and teardown) for a test that needs
+    the OVA: `seconds` for its own waits, plus the build when no built OVA was given."""
+    return pytest.mark.timeout(seconds + (0 if os.environ.get("APPLIANCE_OVA")
+                                          else OVA_BUILD_TIMEOUT))
 
 
 
