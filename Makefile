@@ -33,7 +33,7 @@ $(VENV_STAMP): requirements.lock pyproject.toml
 venv: $(VENV_STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check appliance controlplane tests tools
+	$(VENV)/bin/ruff check gatewaycore appliance controlplane tests tools
 
 test-fast: venv
 	$(PY) -m pytest -m "not vm" -q
@@ -46,7 +46,7 @@ bench: venv
 
 ova: $(OVA)
 
-$(OVA): $(shell find appliance systemd packer ovf tools/image -type f -not -name '*.pyc' 2>/dev/null) pyproject.toml | deps $(VENV_STAMP)
+$(OVA): $(shell find gatewaycore appliance systemd packer ovf tools/image -type f -not -name '*.pyc' 2>/dev/null) pyproject.toml | deps $(VENV_STAMP)
 	tools/image/build-ova.sh $(VERSION) $(OVA)
 
 run: deps venv ova

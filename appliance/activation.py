@@ -7,7 +7,7 @@ Two halves:
   the VM sits on, and it only ever needs one request shape, so it is written to be hard to
   tie up: bounded request head and body, one request per connection (`Connection: close`),
   strict parsing (every malformed head is a 4xx, never the 500 path), and incomplete requests
-  admitted by `appliance.connguard` (a deadline from connect that trickled bytes do not
+  admitted by `gatewaycore.connguard` (a deadline from connect that trickled bytes do not
   extend, a per-address cap, the oldest evicted first) so slow clients cannot keep a real
   one out.
 """
@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from appliance import regions
-from appliance.connguard import ConnectionGuard
+from gatewaycore import regions
+from gatewaycore.connguard import ConnectionGuard
 
 log = logging.getLogger("appliance.activation")
 
@@ -44,7 +44,7 @@ MAX_BODY_BYTES = 1024  # GET carries no body; allow a little, refuse more
 # is all a slow client can hold a slot for.
 REQUEST_DEADLINE = 5.0
 # Incomplete requests in all: each costs a task and up to 2 x MAX_HEAD_BYTES of buffer, so
-# 256 is a few MB. When full the oldest goes, never the newcomer (appliance.connguard).
+# 256 is a few MB. When full the oldest goes, never the newcomer (gatewaycore.connguard).
 MAX_PENDING = 256
 # Incomplete requests per IPv4 address / IPv6 /64: past it, a newcomer evicts that address's
 # own oldest, so a slow client at one address only ever competes with itself. A browser holds

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from appliance import config, logfmt
+from appliance import config
 from appliance.config import ConfigError
 from appliance.localclient import ApiError, ApiUnavailable, LocalApi
-from appliance.schedule import format_rate
 from appliance.version import __version__
+from gatewaycore import logfmt
+from gatewaycore.schedule import format_rate
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2

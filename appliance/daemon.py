@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 
 from appliance import identity as identity_mod
-from appliance import regions
 from appliance.activation import ActivationRequest, ActivationServer, KeyRefused, KeyResult
 from appliance.config import ListenAddress, Settings
 from appliance.link import (
@@ -33,12 +32,13 @@ from appliance.link import (
     now_iso,
     sleep_or_wake,
 )
-from appliance.schedule import Schedule, ScheduleError
 from appliance.shaping import ScheduledShaper, ShaperClosed
 from appliance.state import State, StateStore
 from appliance.upload import UploadError, UploadResult, check_name
 from appliance.upload import upload as send_upload
 from appliance.version import __version__
+from gatewaycore import regions
+from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger("appliance.daemon")
 

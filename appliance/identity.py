@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from appliance import linkproto
-from appliance.atomicfile import write_atomic
+from gatewaycore import linkproto
+from gatewaycore.atomicfile import write_atomic
 
 KEY_FILE = "identity.pem"
 

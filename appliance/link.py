@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from appliance import linkproto
 from appliance.identity import Identity
 from appliance.version import __version__
+from gatewaycore import linkproto
 
 KEY_REQUEST_TIMEOUT = 10.0
 POLL_WAIT = 20  # seconds the control plane may hold a poll; also the heartbeat period

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from appliance import regions, safejson
 from appliance.activation import ENDPOINT_TYPES, KeyRefused, ParamError, parse_params
+from gatewaycore import regions, safejson
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon, UploadRefused

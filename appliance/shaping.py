@@ -45,7 +45,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from appliance.schedule import Schedule, format_rate, iso_utc
+from gatewaycore.schedule import Schedule, format_rate, iso_utc
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.atomicfile import write_atomic
+from gatewaycore.atomicfile import write_atomic
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1

@@ -21,9 +21,9 @@ from typing import Any
 
 import aiohttp
 
-from appliance import linkproto
 from appliance.identity import Identity
 from appliance.shaping import UNLIMITED_PIECE, ScheduledShaper
+from gatewaycore import linkproto
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import ssl
 import sys
 from pathlib import Path
 
-from appliance import logfmt
 from controlplane import credentials
 from controlplane.server import ControlPlane, tls_context
+from gatewaycore import logfmt
 
 log = logging.getLogger("controlplane")
 DEFAULT_LISTEN = "127.0.0.1:8443"

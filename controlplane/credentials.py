@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.atomicfile import fsync_dir, write_atomic
+from gatewaycore.atomicfile import fsync_dir, write_atomic
 
 log = logging.getLogger("controlplane.credentials")
 

@@ -1,6 +1,6 @@
 """The gateway-facing endpoints (docs/link-protocol.md): activation keys, long-poll, uploads.
 
-Every request is signed with the gateway's Ed25519 identity (appliance.linkproto, shared with
+Every request is signed with the gateway's Ed25519 identity (gatewaycore.linkproto, shared with
 the appliance). Nonces go to SQLite before the request takes effect, so a captured request
 cannot be replayed, not even across a restart. Polls wait on an in-memory hub that
 operations poke on every configuration change: the gateway learns of CreateGateway at once.
@@ -33,12 +33,12 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance import linkproto, safejson
-from appliance.atomicfile import fsync_dir
-from appliance.connguard import address_key
 from controlplane.clock import Clock
 from controlplane.sigv4 import REGION_RE
 from controlplane.store import Identity, Store, StoreError, UploadExists, UploadRecord
+from gatewaycore import linkproto, safejson
+from gatewaycore.atomicfile import fsync_dir
+from gatewaycore.connguard import address_key
 
 log = logging.getLogger("controlplane.link")
 

@@ -2,7 +2,7 @@
 
 Input has already passed the model's constraints (validation.py) when a method runs; here
 are the rules the model cannot express: activation keys used once, in their region, before
-they expire; regional visibility of gateways; the schedule's own rules (appliance.schedule,
+they expire; regional visibility of gateways; the schedule's own rules (gatewaycore.schedule,
 shared with the appliance so both agree on every edge).
 """
 
@@ -15,11 +15,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from appliance.schedule import Schedule, ScheduleError
 from controlplane.clock import Clock
 from controlplane.errors import not_found, validation
 from controlplane.sigv4 import Caller
 from controlplane.store import Gateway, Store, StoreError
+from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger("controlplane.api")
 

@@ -22,13 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance import safejson
 from controlplane import sigv4
 from controlplane.apimodel import OPERATIONS, SIGNING_NAME, TARGET_PREFIX
 from controlplane.errors import ApiError
 from controlplane.operations import BackupGatewayApi
 from controlplane.throttle import Throttle
 from controlplane.validation import validate_input
+from gatewaycore import safejson
 
 log = logging.getLogger("controlplane.api")
 

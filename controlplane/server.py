@@ -26,7 +26,6 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from appliance.connguard import ConnectionGuard, Ticket
 from controlplane import credentials
 from controlplane.clock import Clock, SystemClock
 from controlplane.errors import ApiError
@@ -36,6 +35,7 @@ from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
 from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
+from gatewaycore.connguard import ConnectionGuard, Ticket
 
 log = logging.getLogger("controlplane")
 

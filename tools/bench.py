@@ -40,9 +40,7 @@ import psutil
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import linkproto
 from appliance.identity import Identity
-from appliance.schedule import Schedule, format_rate
 from appliance.shaping import (
     BURST_SECONDS,
     MAX_PIECE,
@@ -52,6 +50,8 @@ from appliance.shaping import (
     ScheduledShaper,
 )
 from appliance.upload import upload
+from gatewaycore import linkproto
+from gatewaycore.schedule import Schedule, format_rate
 
 BIN = 0.01  # 10 ms
 BINS_PER_SEC = 100

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from appliance import regions
 from appliance.console.context import Context
 from appliance.localclient import ApiError, ApiUnavailable
 from appliance.system.networkd import parse_hostname
+from gatewaycore import regions
 
 DEFAULT_REGION = "us-east-1"
 _REGION_SYNTAX = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")

@@ -30,11 +30,11 @@ from appliance.console.auth import USERNAME, PasswordFileError, PasswordStore, T
 from appliance.console.context import Context
 from appliance.console.ui import Back, Terminal
 from appliance.localclient import DEFAULT_SOCKET, LocalApi
-from appliance.logfmt import EscapingFilter
 from appliance.system import netinfo, resources
 from appliance.system.networkd import DEFAULT_DIR, NetworkdStore
 from appliance.system.timesync import DEFAULT_DROPIN, TimeSync
 from appliance.version import __version__
+from gatewaycore.logfmt import EscapingFilter
 
 log = logging.getLogger("appliance.console")
 

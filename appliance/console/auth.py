@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.atomicfile import write_atomic
+from gatewaycore.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 

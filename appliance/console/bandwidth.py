@@ -13,7 +13,7 @@ from typing import Any
 from appliance.console.context import Context
 from appliance.console.ui import fit
 from appliance.localclient import ApiError, ApiUnavailable
-from appliance.schedule import Schedule, ScheduleError, format_rate
+from gatewaycore.schedule import Schedule, ScheduleError, format_rate
 
 TITLE = "Bandwidth schedule (times in UTC)"
 # Lines left for the week preview on a 24-line screen, after the summary and the prompt.

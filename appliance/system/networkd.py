@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.atomicfile import write_atomic
+from gatewaycore.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import ntplib
 
-from appliance.atomicfile import write_atomic
 from appliance.system.networkd import parse_hostname, writable_refusal
+from gatewaycore.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import linkproto
 from appliance.identity import Identity
 from controlplane.clock import FakeClock
 from controlplane.server import ControlPlane
+from gatewaycore import linkproto
 
 AWS = str(Path(sys.executable).parent / "aws")
 REGION = "us-west-2"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import linkproto
+from gatewaycore import linkproto
 from tests.conftest import wait_until
 from tests.controlplane.cpharness import AWS, REGION, LinkClient, LinkResponse, Server
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from appliance import linkproto
 from appliance.identity import Identity
 from controlplane import gatewaylink
 from controlplane.gatewaylink import RegistrationThrottle, source_of
 from controlplane.store import DB_FILE, MAX_OPEN_KEYS, PURGE_QUERIES, Store, UploadRecord
+from gatewaycore import linkproto
 from tests.conftest import PYTHON, REPO, ControlPlane, Proc, child_env, free_port, wait_until
 from tests.controlplane.cpharness import REGION, LinkResponse, Server, new_identity
 

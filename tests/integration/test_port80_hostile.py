@@ -34,7 +34,7 @@ import pytest
 
 from appliance import activation
 from appliance.activation import ActivationRequest, ActivationServer, KeyResult
-from appliance.connguard import ConnectionGuard
+from gatewaycore.connguard import ConnectionGuard
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9]{2}) [A-Za-z ]+\r\n")

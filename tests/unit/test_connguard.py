@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from appliance.connguard import ConnectionGuard, Ticket, address_key
+from gatewaycore.connguard import ConnectionGuard, Ticket, address_key
 
 
 class Closed:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import identity, linkproto
+from appliance import identity
+from gatewaycore import linkproto
 
 
 def test_created_once_then_reused(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import linkproto
-from appliance.linkproto import LinkAuthError
+from gatewaycore import linkproto
+from gatewaycore.linkproto import LinkAuthError
 
 
 @pytest.fixture

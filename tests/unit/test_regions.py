@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from appliance import regions
+from gatewaycore import regions
 
 
 def test_partitions_and_well_known_codes() -> None:

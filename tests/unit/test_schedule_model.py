@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from appliance.schedule import (
+from gatewaycore.schedule import (
     MAX_RATE_BPS,
     MIN_RATE_BPS,
     Interval,

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from appliance.schedule import Schedule
 from appliance.shaping import (
     MAX_PIECE,
     MAX_TIMER_SECONDS,
@@ -23,6 +22,7 @@ from appliance.shaping import (
     ScheduledShaper,
     ShaperClosed,
 )
+from gatewaycore.schedule import Schedule
 
 ALL_DAYS = [0, 1, 2, 3, 4, 5, 6]
 # Monday 2026-11-23 08:59:50 UTC: ten seconds before a 09:00 boundary.

@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import linkproto
 from appliance.identity import Identity
-from appliance.schedule import Schedule
 from appliance.shaping import ScheduledShaper
 from appliance.upload import UploadError, file_sha256, upload
+from gatewaycore import linkproto
+from gatewaycore.schedule import Schedule
 
 
 class Sink:

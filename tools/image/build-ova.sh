@@ -39,9 +39,9 @@ mkdir -p "$stage/src" "$stage/guest"
 echo "$version" >"$stage/VERSION"
 # The committed file list when in git (no stray editor or cache files), else the folder.
 if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    (cd "$repo" && git ls-files -z appliance | xargs -0 cp --parents -t "$stage/src")
+    (cd "$repo" && git ls-files -z gatewaycore appliance | xargs -0 cp --parents -t "$stage/src")
 else
-    (cd "$repo" && find appliance -type f -not -name '*.pyc' -print0 | xargs -0 cp --parents -t "$stage/src")
+    (cd "$repo" && find gatewaycore appliance -type f -not -name '*.pyc' -print0 | xargs -0 cp --parents -t "$stage/src")
 fi
 cp "$here/guest/guestconfig.py" "$stage/guest/"
 cp -r "$here/overlay" "$stage/overlay"

@@ -30,8 +30,8 @@ import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from appliance.atomicfile import write_atomic
 from appliance.system.networkd import AdapterConfig, NetworkConfigError, NetworkdStore
+from gatewaycore.atomicfile import write_atomic
 
 LOG = logging.getLogger("guestconfig")
 

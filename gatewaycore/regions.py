@@ -32,7 +32,7 @@ class Region:
 
 @lru_cache(maxsize=1)
 def _data() -> dict[str, Any]:
-    text = resources.files("appliance").joinpath("data/regions.json").read_text("utf-8")
+    text = resources.files("gatewaycore").joinpath("data/regions.json").read_text("utf-8")
     return json.loads(text)
 
 
