@@ -24,14 +24,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from gatewaycore import regions
+from gatewaycore import regions, rules
 from gatewaycore.connguard import ConnectionGuard
 
-log = logging.getLogger("appliance.activation")
+# ENDPOINT_TYPES is re-exported for the local API; it is defined once, in gatewaycore.rules.
+from gatewaycore.rules import ENDPOINT_TYPES as ENDPOINT_TYPES
+from gatewaycore.rules import RuleError
 
-GATEWAY_TYPES = ("BACKUP_VM",)
-ENDPOINT_TYPES = ("STANDARD", "DUALSTACK")
-IP_VERSIONS = ("ipv4", "ipv6")
+log = logging.getLogger("appliance.activation")
 
 # --- port 80 limits ------------------------------------------------------------------------
 # A real client (curl, a browser, an SDK) sends its whole request in one segment within
@@ -56,8 +56,6 @@ MAX_PENDING_PER_ADDRESS = 64
 MAX_SERVING = 64
 WRITE_DEADLINE = 10.0  # a response is under 1 KB: the kernel takes it unless the peer is gone
 
-_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
 
 class ParamError(Exception):
     """A parameter with a value we do not accept; the message names it and the accepted values."""
@@ -79,14 +77,36 @@ class ActivationRequest:
 
 
 def is_dns_name(name: str) -> bool:
-    if len(name) > 253:
+    """Whether `name` is what `vpcEndpoint` accepts (gatewaycore.rules.dns_name)."""
+    try:
+        rules.dns_name(name)
+    except RuleError:
         return False
-    labels = name.rstrip(".").split(".")
-    return len(labels) >= 2 and all(_DNS_LABEL.match(label) for label in labels)
+    return True
+
+
+# What port 80 adds to a rule's message: this parameter may be left out altogether.
+_ABSENT_HINTS = {
+    "endpointType": " (or leave it out for the standard endpoint)",
+}
+
+
+def _checked(rule: Callable[[str, str], str], name: str, value: str) -> str:
+    """`value` as `rule` accepts it; its RuleError as a ParamError of the same field and
+    message, in the shape port 80 has always answered: `NAME 'VALUE' is not accepted; ...`."""
+    try:
+        return rule(value, name)
+    except RuleError as exc:
+        hint = _ABSENT_HINTS.get(exc.field, "")
+        raise ParamError(exc.field, f"{exc.field} {exc.message}{hint}") from None
 
 
 def parse_params(params: Mapping[str, str | None], no_redirect: bool = False) -> ActivationRequest:
-    """Apply section 1's rules. Empty values count as absent; unknown parameters are ignored."""
+    """Apply section 1's rules. Empty values count as absent; unknown parameters are ignored.
+
+    Each value is checked by its rule in gatewaycore.rules, the same one the console asks
+    before it sends the request here, so the console never collects an answer that this
+    refuses. Only the rule between two parameters (ipv6 needs DUALSTACK) is port 80's own."""
 
     def get(name: str) -> str | None:
         value = params.get(name)
@@ -95,27 +115,14 @@ def parse_params(params: Mapping[str, str | None], no_redirect: bool = False) ->
         return value or None
 
     region, fallback = regions.resolve(get("activationRegion"))
-
-    gateway_type = get("gatewayType") or "BACKUP_VM"
-    if gateway_type not in GATEWAY_TYPES:
-        raise ParamError(
-            "gatewayType", f"gatewayType {gateway_type!r} is not accepted; accepted: BACKUP_VM"
-        )
-
-    endpoint_type = get("endpointType") or "STANDARD"
-    if endpoint_type not in ENDPOINT_TYPES:
-        raise ParamError(
-            "endpointType",
-            f"endpointType {endpoint_type!r} is not accepted; accepted: STANDARD, DUALSTACK "
-            "(or leave it out for the standard endpoint)",
-        )
+    gateway_type = _checked(rules.gateway_type, "gatewayType", get("gatewayType") or "BACKUP_VM")
+    endpoint_type = _checked(
+        rules.endpoint_type, "endpointType", get("endpointType") or "STANDARD"
+    )
 
     ip_version = get("ipVersion")
     if ip_version is not None:
-        if ip_version not in IP_VERSIONS:
-            raise ParamError(
-                "ipVersion", f"ipVersion {ip_version!r} is not accepted; accepted: ipv4, ipv6"
-            )
+        ip_version = _checked(rules.ip_version, "ipVersion", ip_version)
         if endpoint_type != "DUALSTACK" and ip_version == "ipv6":
             raise ParamError(
                 "ipVersion", "ipVersion ipv6 is accepted only with endpointType=DUALSTACK"
@@ -124,12 +131,8 @@ def parse_params(params: Mapping[str, str | None], no_redirect: bool = False) ->
         ip_version = "ipv4"
 
     vpc_endpoint = get("vpcEndpoint")
-    if vpc_endpoint is not None and not is_dns_name(vpc_endpoint):
-        raise ParamError(
-            "vpcEndpoint",
-            f"vpcEndpoint {vpc_endpoint[:100]!r} is not accepted; accepted: a DNS name such as "
-            "vpce-0123abcd-xyz.backup-gateway.us-west-2.vpce.amazonaws.com",
-        )
+    if vpc_endpoint is not None:
+        vpc_endpoint = _checked(rules.dns_name, "vpcEndpoint", vpc_endpoint)
 
     return ActivationRequest(
         region=region.code,

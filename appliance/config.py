@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gatewaycore import rules
+from gatewaycore.rules import RuleError
+
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
 DEFAULT_LISTEN = ("0.0.0.0:80", "[::]:80")
 DEFAULT_STATE_DIR = Path("/var/lib/appliance")
@@ -62,7 +65,7 @@ class Settings:
 KNOWN_KEYS = {
     "listen": "a list of HOST:PORT strings",
     "state_dir": "a directory path",
-    "control_plane_url": "an http:// or https:// URL",
+    "control_plane_url": "an http://HOST[:PORT] or https://HOST[:PORT] URL",
     "local_api_socket": "a socket path",
     "link_retry_max": "seconds (number, 1-3600) the link waits at most between retries",
 }
@@ -91,18 +94,12 @@ def parse_listen(text: str) -> ListenAddress:
 
 
 def _check_url(url: Any) -> str:
-    if not isinstance(url, str):
-        raise ConfigError("control_plane_url: must be an http:// or https:// URL string")
+    """gatewaycore.rules.control_plane_url, the rule guestconfig applies at boot too, so a
+    URL the hypervisor's settings could write is one the daemon starts with."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ConfigError(f"control_plane_url: {url!r} has a bad port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"control_plane_url: {url!r} must be an http:// or https:// URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"control_plane_url: {url!r} must have no path, query or fragment")
-    return url.rstrip("/")
+        return rules.control_plane_url(url, "control_plane_url")
+    except RuleError as exc:
+        raise ConfigError(f"{exc.field}: {exc.message}") from None
 
 
 def _check_path(key: str, value: Any) -> Path:

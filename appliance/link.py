@@ -13,14 +13,13 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
 from appliance.identity import Identity
 from appliance.version import __version__
-from gatewaycore import linkproto
+from gatewaycore import linkproto, utctime
 
 KEY_REQUEST_TIMEOUT = 10.0
 POLL_WAIT = 20  # seconds the control plane may hold a poll; also the heartbeat period
@@ -88,7 +87,8 @@ class PollAnswer:
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now in the one time format of the link (gatewaycore.utctime)."""
+    return utctime.format_utc()
 
 
 class LinkClient:

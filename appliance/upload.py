@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ import aiohttp
 
 from appliance.identity import Identity
 from appliance.shaping import UNLIMITED_PIECE, ScheduledShaper
-from gatewaycore import linkproto
+from gatewaycore import linkproto, rules
+from gatewaycore.rules import RuleError
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
-NAME_RULE = "1-200 characters of A-Z a-z 0-9 . _ -, not '.' or '..'"
 Source = bytes | bytearray | memoryview | Path | AsyncIterable[bytes]
 
 
@@ -63,10 +61,12 @@ class UploadResult:
 
 
 def check_name(name: str) -> str:
-    """The control plane's name rule, checked before any byte is sent."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise UploadError("ValidationError", f"name: {NAME_RULE}, got {name!r}")
-    return name
+    """gatewaycore.rules.upload_name, the rule the control plane applies, checked before any
+    byte is sent."""
+    try:
+        return rules.upload_name(name, "name")
+    except RuleError as exc:
+        raise UploadError("ValidationError", f"{exc.field}: {exc.message}") from None
 
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:

@@ -14,8 +14,6 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-ENDPOINT_TYPES = ("STANDARD", "DUALSTACK")
-
 
 @dataclass(frozen=True)
 class Region:
@@ -26,7 +24,7 @@ class Region:
     endpoints: dict[str, dict[str, str]]
 
     def endpoint_hosts(self, endpoint_type: str) -> dict[str, str]:
-        """Endpoint role -> host name for STANDARD or DUALSTACK."""
+        """Endpoint role -> host name for one of gatewaycore.rules.ENDPOINT_TYPES."""
         return dict(self.endpoints[endpoint_type])
 
 

@@ -14,15 +14,19 @@ console) from its structured fields, never by parsing its text.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 ENDPOINT_TYPES = ("STANDARD", "DUALSTACK")
 IP_VERSIONS = ("ipv4", "ipv6")
 GATEWAY_TYPES = ("BACKUP_VM",)
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# scheme://host[:port][/]: the host a bracketed IPv6 literal or dot-separated labels (checked
+# further below), the port 1-5 digits without a leading zero, nothing else after the host.
+_URL = re.compile(r"(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)"
+                  r"(?::(?P<port>[1-9][0-9]{0,4}))?/?")
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
 _UPLOAD_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _SOFTWARE_VERSION = re.compile(r"[A-Za-z0-9.+_-]{1,100}")
@@ -57,49 +61,108 @@ def _labels_ok(name: str) -> bool:
     return all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
+def _name_ok(name: str, max_len: int, min_labels: int) -> bool:
+    return 0 < len(name) <= max_len and name.count(".") + 1 >= min_labels and _labels_ok(name)
+
+
+def _drop_root(text: str) -> str:
+    """`example.com.` (the fully qualified form with the root's dot) is `example.com`."""
+    return text[:-1] if text.endswith(".") else text
+
+
 def dns_name(value: Any, field: str = "vpcEndpoint") -> str:
     """A fully qualified DNS name: two or more letter-digit-hyphen labels, at most 253
     characters; a trailing dot is dropped and the name lower-cased (DNS is case-blind)."""
     text = _text(value, field, "a DNS name").strip()
-    name = text[:-1] if text.endswith(".") else text
-    if not (0 < len(name) <= DNS_NAME_MAX and "." in name and _labels_ok(name)):
+    accepted = (
+        "accepted: two or more labels of letters, digits and hyphens separated by dots, e.g. "
+        + DNS_NAME_EXAMPLE
+    )
+    if "://" in text or "/" in text:
+        # The commonest mistake is pasting the endpoint's URL: say so rather than "bad name".
         raise RuleError(
-            field, f"{_shown(text)} is not a DNS name; accepted: two or more labels of letters, "
-            f"digits and hyphens separated by dots, e.g. {DNS_NAME_EXAMPLE}",
+            field, f"{_shown(text)} is not a DNS name: give the DNS name only, without "
+            f"https:// or a path; {accepted}",
         )
+    name = _drop_root(text)
+    if not _name_ok(name, DNS_NAME_MAX, 2):
+        raise RuleError(field, f"{_shown(text)} is not a DNS name; {accepted}")
     return name.lower()
 
 
-def host_name(value: Any, field: str = "hostname") -> str:
-    """The appliance's own host name: one or more letter-digit-hyphen labels (a short name
-    such as `gw01` or a full one such as `gw01.lab.example`), at most 64 characters."""
+def server_name(value: Any, field: str = "server") -> str:
+    """The name of a server to look up (an NTP server): one or more letter-digit-hyphen
+    labels, at most 253 characters. A single label (`ntp`) is allowed, since the resolver's
+    search domains complete it; a trailing dot is dropped."""
     text = _text(value, field, "a host name").strip()
-    name = text[:-1] if text.endswith(".") else text
-    if not (0 < len(name) <= HOST_NAME_MAX and _labels_ok(name)):
+    name = _drop_root(text)
+    if not _name_ok(name, DNS_NAME_MAX, 1):
         raise RuleError(
-            field, f"{_shown(text)} is not a host name; accepted: letters, digits and hyphens "
-            f"in labels of 1-63 characters separated by dots, {HOST_NAME_MAX} characters in "
-            "all, no hyphen at either end of a label (e.g. gw01 or gw01.lab.example)",
+            field, f"{_shown(text)} is not a valid hostname; accepted: letters, digits and "
+            f"hyphens in labels of 1-63 characters separated by dots, {DNS_NAME_MAX} "
+            "characters in all, no hyphen at either end of a label (e.g. ntp.example.com)",
         )
     return name
 
 
+def host_name(value: Any, field: str = "hostname") -> str:
+    """The appliance's own host name: one or more letter-digit-hyphen labels (a short name
+    such as `gw01` or a full one such as `gw01.lab.example`), at most 64 characters, since
+    that is what sethostname() and hostnamed take. A trailing dot is dropped."""
+    text = _text(value, field, "a host name").strip()
+    name = _drop_root(text)
+    if not _name_ok(name, HOST_NAME_MAX, 1):
+        raise RuleError(
+            field, f"{_shown(text)} is not a valid hostname; accepted: letters, digits and "
+            f"hyphens in labels of 1-63 characters separated by dots, {HOST_NAME_MAX} "
+            "characters in all, no hyphen at either end of a label (e.g. gw01 or "
+            "gw01.lab.example)",
+        )
+    return name
+
+
+def _url_host_ok(host: str) -> bool:
+    """A bracketed IPv6 literal (no zone), an IPv4 address, or a DNS name of 1+ labels."""
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    if all(label.isdigit() for label in host.split(".")):
+        # all digits reads as an IPv4 address, so it must be one (not 1.2.3.4.5 or 999.1.1.1)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return _name_ok(host, DNS_NAME_MAX, 1)
+
+
 def control_plane_url(value: Any, field: str = "control_plane_url") -> str:
     """`http://HOST[:PORT]` or `https://HOST[:PORT]`, port 1-65535, nothing after the host
-    but one optional `/`. Returned without the trailing slash."""
+    but one optional `/`. HOST is a DNS name (one label is enough: `cp`), an IPv4 address or
+    an IPv6 address in brackets. Returned without the trailing slash.
+
+    An allow-list of the whole text rather than urlsplit's reading of it: urlsplit takes
+    `http://cp?`, `http://a b` or a user:password@ part, none of which the link can use."""
     text = _text(value, field, "an http:// or https:// URL").strip()
-    accepted = "accepted: http://HOST[:PORT] or https://HOST[:PORT] with port 1-65535"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        raise RuleError(field, f"{_shown(text)} has a bad host or port; {accepted}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RuleError(field, f"{_shown(text)} is not a URL of the control plane; {accepted}")
-    if port == 0 or parts.username is not None or parts.password is not None:
+    accepted = (
+        "accepted: http://HOST[:PORT] or https://HOST[:PORT], HOST a DNS name, an IPv4 "
+        "address or [IPv6], port 1-65535, no path, query or fragment"
+    )
+    if not text.startswith(("http://", "https://")):
+        raise RuleError(field, f"{_shown(text)} must be an http:// or https:// URL; {accepted}")
+    rest = text.split("://", 1)[1]
+    if any(mark in rest.removesuffix("/") for mark in "/?#"):
+        raise RuleError(field, f"{_shown(text)} must have no path, query or fragment; {accepted}")
+    match = _URL.fullmatch(text)
+    if (
+        match is None
+        or not _url_host_ok(match["host"])
+        or (match["port"] is not None and int(match["port"]) > 65535)
+    ):
         raise RuleError(field, f"{_shown(text)} has a bad host or port; {accepted}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise RuleError(field, f"{_shown(text)} has a path, query or fragment; {accepted}")
     return text.rstrip("/")
 
 

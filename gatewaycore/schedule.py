@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from gatewaycore import utctime
+
 MAX_INTERVALS = 20
 MIN_RATE_BPS = 51_200
 MAX_RATE_BPS = 8_000_000_000_000
@@ -216,8 +218,8 @@ def _as_utc(t: datetime) -> datetime:
 
 
 def iso_utc(t: datetime) -> str:
-    """The ISO form used across the project's APIs: `2026-11-26T09:30:00Z`."""
-    return _as_utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The ISO form used across the project's APIs (gatewaycore.utctime): `2026-11-26T09:30:00Z`."""
+    return utctime.format_utc(_as_utc(t))
 
 
 @dataclass(frozen=True)

@@ -7,37 +7,31 @@ the IP version. The daemon asks the control plane for the key; the console only 
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 
 from appliance.console.context import Context
 from appliance.localclient import ApiError, ApiUnavailable
-from appliance.system.networkd import parse_hostname
-from gatewaycore import regions
+from gatewaycore import regions, rules, utctime
+from gatewaycore.rules import RuleError
 
 DEFAULT_REGION = "us-east-1"
-_REGION_SYNTAX = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 
 
 def parse_region(text: str) -> str:
-    text = text.strip().lower()
-    if not _REGION_SYNTAX.match(text):
-        raise ValueError(
-            f"'{text}' is not a region code: it looks like us-east-1, eu-west-2 or ap-south-1."
-        )
-    return text
+    """A region code's shape (gatewaycore.rules.region_code); typed case does not matter."""
+    try:
+        return rules.region_code(text.strip().lower(), "activationRegion")
+    except RuleError as exc:
+        raise ValueError(exc.message) from None
 
 
 def parse_vpc_endpoint(text: str) -> str:
-    text = text.strip()
-    if "://" in text or "/" in text:
-        raise ValueError("give the VPC endpoint's DNS name only, without https:// or a path, "
-                         "e.g. vpce-0123...-abcd.backup-gateway.us-west-2.vpce.amazonaws.com")
+    """The VPC endpoint's DNS name by gatewaycore.rules.dns_name, the rule the daemon applies
+    to `vpcEndpoint`: a name taken here is never refused after the last question."""
     try:
-        return parse_hostname(text).lower()
-    except ValueError:
-        raise ValueError(f"'{text}' is not a DNS name, e.g. "
-                         "vpce-0123...-abcd.backup-gateway.us-west-2.vpce.amazonaws.com") from None
+        return rules.dns_name(text, "vpcEndpoint")
+    except RuleError as exc:
+        raise ValueError(exc.message) from None
 
 
 def ask_region(ctx: Context, question: str) -> str:
@@ -61,7 +55,7 @@ def ask_region(ctx: Context, question: str) -> str:
 
 def _expiry_text(expires_at: str) -> str:
     try:
-        when = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).astimezone(UTC)
+        when = utctime.parse_utc(expires_at)
     except ValueError:
         return expires_at
     minutes = max(0, int((when - datetime.now(UTC)).total_seconds() // 60))

@@ -166,6 +166,7 @@ def hostname(ctx: Context) -> None:
     if _refused(ctx):
         return
     term.say(f"Current hostname: {socket.gethostname()}")
+    # parse_hostname is gatewaycore.rules.host_name, the rule guestconfig applies at boot
     name = term.ask_valid("New hostname: ", parse_hostname)
     assert name is not None
     ctx.apply(f"Set the hostname to {name}. Apply config", lambda: ctx.network.set_hostname(name))

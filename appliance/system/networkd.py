@@ -12,19 +12,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gatewaycore import rules
 from gatewaycore.atomicfile import write_atomic
+from gatewaycore.rules import RuleError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/etc/systemd/network"
 _PREFIX = "10-appliance-"
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 class NetworkConfigError(Exception):
@@ -184,14 +184,12 @@ def parse_dns(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def parse_hostname(text: str) -> str:
-    """A hostname: dot-separated labels of letters, digits and hyphens, at most 253 characters."""
-    text = text.strip().rstrip(".")
-    if not text or len(text) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in text.split(".")):
-        raise ValueError(
-            f"'{text}' is not a valid hostname: use letters, digits and hyphens, "
-            "labels of 1-63 characters separated by dots"
-        )
-    return text
+    """The appliance's host name, by gatewaycore.rules.host_name: the rule guestconfig
+    applies to the hypervisor's `hostname` setting too, so both set the same names."""
+    try:
+        return rules.host_name(text)
+    except RuleError as exc:
+        raise ValueError(exc.message) from None
 
 
 def writable_refusal(directory: Path) -> str | None:

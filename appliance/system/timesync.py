@@ -18,7 +18,8 @@ from pathlib import Path
 
 import ntplib
 
-from appliance.system.networkd import parse_hostname, writable_refusal
+from appliance.system.networkd import writable_refusal
+from gatewaycore import rules
 from gatewaycore.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def parse_server(text: str) -> str:
     except ValueError:
         pass
     try:
-        return parse_hostname(text)
+        return rules.server_name(text)
     except ValueError:
         raise ValueError(f"'{text}' is not a hostname or an IP address") from None
 

@@ -21,17 +21,19 @@ import hashlib
 import ipaddress
 import json
 import logging
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tomllib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.system.networkd import AdapterConfig, NetworkConfigError, NetworkdStore
+from gatewaycore import rules
 from gatewaycore.atomicfile import write_atomic
+from gatewaycore.rules import RuleError
 
 LOG = logging.getLogger("guestconfig")
 
@@ -46,7 +48,6 @@ KEYS = (
     "dns_servers",
     "control_plane_url",
 )
-HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # The adapter the vApp network settings are for: the first NIC (net.ifnames=0 in the image).
 ADAPTER = "eth0"
 
@@ -150,11 +151,21 @@ def validate(settings: dict[str, str]) -> dict[str, object]:
     return good
 
 
+# The settings whose rule the appliance applies too: checked by that same rule, so a value
+# accepted here is one the console and the daemon accept (a URL this writes never stops the
+# daemon) and a value they accept is never skipped here.
+_SHARED_RULES: dict[str, Callable[[str, str], str]] = {
+    "hostname": rules.host_name,
+    "control_plane_url": rules.control_plane_url,
+}
+
+
 def _check(key: str, value: str) -> object:
-    if key == "hostname":
-        if not HOSTNAME_RE.match(value):
-            raise SettingError("hostname: 1-63 letters, digits or '-', not starting/ending in '-'")
-        return value
+    if key in _SHARED_RULES:
+        try:
+            return _SHARED_RULES[key](value, key)
+        except RuleError as exc:
+            raise SettingError(f"{exc.field}: {exc.message}") from None
     if key == "ipv4_mode":
         if value.lower() not in ("dhcp", "static"):
             raise SettingError(f"ipv4_mode: {value!r} is not one of dhcp, static")
@@ -180,10 +191,6 @@ def _check(key: str, value: str) -> object:
             raise SettingError(
                 f"dns_servers: {value!r} is not a comma-separated list of IP addresses"
             ) from None
-    if key == "control_plane_url":
-        if not re.match(r"^https?://[^/\s?#]+/?$", value):
-            raise SettingError(f"control_plane_url: {value!r} is not http(s)://HOST[:PORT]")
-        return value.rstrip("/")
     raise SettingError(f"{key}: unknown")  # pragma: no cover - KEYS is checked before
 
 
