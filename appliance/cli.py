@@ -111,8 +111,12 @@ def serve(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon, StartupError
     from appliance.state import StateError
 
+    async def run() -> None:
+        # Built inside the event loop its parts (events, sessions, servers) belong to.
+        await Daemon.create(settings).run()
+
     try:
-        asyncio.run(Daemon(settings).run())
+        asyncio.run(run())
     except (StartupError, StateError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)  # one line, no traceback
         return EXIT_RUNTIME

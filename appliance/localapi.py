@@ -12,17 +12,24 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from appliance.activation import ENDPOINT_TYPES, KeyRefused, ParamError, parse_params
+from appliance.activation import (
+    ENDPOINT_TYPES,
+    KeyIssuer,
+    KeyRefused,
+    ParamError,
+    parse_params,
+)
+from appliance.startup import StartupError
+from appliance.upload import UploadResult
+from appliance.uploads import UploadRefused
 from gatewaycore import regions, safejson
-
-if TYPE_CHECKING:
-    from appliance.daemon import Daemon, UploadRefused
 
 log = logging.getLogger("appliance.localapi")
 
@@ -37,6 +44,31 @@ def error(status: int, code: str, message: str, field: str | None = None,
     return web.json_response(
         {"error": code, "message": message, "field": field, **extra}, status=status
     )
+
+
+View = Callable[[], dict[str, Any]]
+Uploader = Callable[[str, AsyncIterable[bytes], bool], Awaitable[UploadResult]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """All the local API needs of the daemon, and nothing more.
+
+    The daemon builds it from its parts; the API sees callables, not the daemon, so it can
+    neither reach into the daemon's parts nor import the module that composes them (the
+    import graph stays one-way: daemon -> localapi).
+    """
+
+    status: View  # GET /v1/status
+    schedule: View  # GET /v1/schedule
+    shaping: View  # GET /v1/shaping
+    issue_key: KeyIssuer  # POST /v1/activation-key (the same issuer as port 80)
+    upload_refusal: Callable[[str], UploadRefused | None]  # checked before the body is read
+    upload: Uploader  # PUT /v1/uploads/{name}: (name, body, replace)
+    default_region: Callable[[], str]  # a connectivity test without a region
+    clock_stepped: View  # POST /v1/clock-stepped: re-read the wall clock, the new shaping
+    control_plane_host: str  # what a connectivity test probes
+    control_plane_port: int
 
 
 @web.middleware
@@ -104,11 +136,11 @@ async def plain_expect(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(backend: Backend) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(daemon.status())
+        return web.json_response(backend.status())
 
     async def activation_key(request: web.Request) -> web.Response:
         try:
@@ -117,7 +149,7 @@ def make_app(daemon: Daemon) -> web.Application:
         except ParamError as exc:
             return error(400, "ValidationError", str(exc), exc.param)
         try:
-            result = await daemon.issue_key(req)
+            result = await backend.issue_key(req)
         except KeyRefused as exc:
             return error(exc.status, exc.code, str(exc))
         return web.json_response(
@@ -130,23 +162,27 @@ def make_app(daemon: Daemon) -> web.Application:
         )
 
     async def schedule(_: web.Request) -> web.Response:
-        return web.json_response(daemon.schedule_view())
+        return web.json_response(backend.schedule())
 
     async def shaping(_: web.Request) -> web.Response:
-        return web.json_response(daemon.shaper.status())
+        return web.json_response(backend.shaping())
+
+    async def clock_stepped(_: web.Request) -> web.Response:
+        # No body to read: the call only says "the wall clock was just stepped".
+        return web.json_response(backend.clock_stepped())
 
     def refused(name: str, exc: UploadRefused) -> web.Response:
         log.warning("event=upload_refused name=%s status=%d error=%s", name[:200], exc.status,
                     exc.code)
         extra = {"existing": exc.existing} if exc.existing is not None else {}
-        return error(exc.status, exc.code, str(exc), exc.field, **extra)
+        return error(exc.status, exc.code, exc.message, exc.field, **extra)
 
     async def upload_expect(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse a bad name, a bad query or an unactivated gateway
         at once; otherwise go on to `upload`, which sends `100 Continue` only when the
         control plane has accepted the upload too."""
         name = request.match_info["name"]
-        refusal = daemon.upload_refusal(name)
+        refusal = backend.upload_refusal(name)
         if refusal is not None:
             return refused(name, refusal)
         try:
@@ -159,8 +195,6 @@ def make_app(daemon: Daemon) -> web.Application:
         return None
 
     async def upload(request: web.Request) -> web.Response:
-        from appliance.daemon import UploadRefused
-
         name = request.match_info["name"]
         try:
             replace = _replace_param(request)
@@ -169,7 +203,7 @@ def make_app(daemon: Daemon) -> web.Application:
         # Streamed: aiohttp's reader stops reading the socket while the shaper holds a piece
         # back, so the local client is slowed to the limit instead of filling memory.
         try:
-            result = await daemon.upload(name, _continued(request), replace=replace)
+            result = await backend.upload(name, _continued(request), replace)
         except UploadRefused as exc:
             return refused(name, exc)
         return web.json_response(
@@ -183,7 +217,7 @@ def make_app(daemon: Daemon) -> web.Application:
             body = await _json_body(request)
         except ParamError as exc:
             return error(400, "ValidationError", str(exc), exc.param)
-        region_code = body.get("region") or daemon.default_region()
+        region_code = body.get("region") or backend.default_region()
         if not isinstance(region_code, str) or regions.get(region_code) is None:
             return error(
                 400, "ValidationError",
@@ -197,7 +231,7 @@ def make_app(daemon: Daemon) -> web.Application:
                 "endpointType",
             )
         results = await connectivity_test(
-            daemon.settings.control_plane_host, daemon.settings.control_plane_port,
+            backend.control_plane_host, backend.control_plane_port,
             region_code, endpoint_type,
         )
         return web.json_response({"results": results})
@@ -208,6 +242,7 @@ def make_app(daemon: Daemon) -> web.Application:
     route(app, "/v1/shaping", {"GET": shaping})
     route(app, "/v1/connectivity-test", {"POST": connectivity})
     route(app, "/v1/uploads/{name}", {"PUT": upload}, upload_expect)
+    route(app, "/v1/clock-stepped", {"POST": clock_stepped})
 
     async def unknown(request: web.Request) -> web.Response:
         raise web.HTTPNotFound()
@@ -320,24 +355,20 @@ async def connectivity_test(
     return results
 
 
-async def start(daemon: Daemon, path: Path) -> web.AppRunner:
+async def start(backend: Backend, path: Path) -> web.AppRunner:
     """Serve the API on `path` (parent created, stale socket removed, mode 0660)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket() or path.is_symlink():
             path.unlink()
     except OSError as exc:
-        from appliance.daemon import StartupError
-
         raise StartupError(f"cannot prepare local_api_socket {path}: {exc.strerror}") from None
-    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(backend), access_log=None, handle_signals=False)
     await runner.setup()
     old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
     try:
         await web.UnixSite(runner, str(path)).start()
     except OSError as exc:
-        from appliance.daemon import StartupError
-
         await runner.cleanup()
         raise StartupError(f"cannot listen on local_api_socket {path}: {exc.strerror}") from None
     finally:

@@ -108,3 +108,7 @@ class LocalApi:
 
     def shaping(self) -> dict[str, Any]:
         return self._call("GET", "/v1/shaping", timeout=5.0)
+
+    def clock_stepped(self) -> dict[str, Any]:
+        """Tell the daemon the wall clock was just stepped, so its shaper re-reads it now."""
+        return self._call("POST", "/v1/clock-stepped", timeout=5.0)

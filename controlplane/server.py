@@ -27,10 +27,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from controlplane import credentials
+from controlplane.blobstore import BlobStore
 from controlplane.clock import Clock, SystemClock
 from controlplane.errors import ApiError
-from controlplane.gatewaylink import GatewayLink, PollHub
+from controlplane.linkops import LinkOps
+from controlplane.linkwire import LinkWire
 from controlplane.operations import BackupGatewayApi
+from controlplane.pollhub import PollHub
 from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
 from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
@@ -302,7 +305,10 @@ class ControlPlane:
         wall_clock: Callable[[], float] = time.time,
         throttle: Throttle | None = None,
         guard: ConnectionGuard | None = None,
+        hub: PollHub | None = None,
     ) -> None:
+        """`clock` is business time (key expiry, last seen); `wall_clock` checks signatures.
+        Tests pass their own clock, throttle, guard or hub (one that reports its waiters)."""
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.credentials_file = credentials_file or state_dir / credentials.FILE_NAME
@@ -311,9 +317,13 @@ class ControlPlane:
         self.data_dir = data_dir or state_dir / "data"
         self.clock = clock or SystemClock()
         self.store = Store(state_dir / DB_FILE)
-        self.hub = PollHub()
+        self.blobs = BlobStore(self.data_dir)
+        self.blobs.reconcile(self.store)  # what a crash left half done, before any request
+        self.hub = hub or PollHub()
         self.api = BackupGatewayApi(self.store, self.clock, self.hub.notify)
-        self.link = GatewayLink(self.store, self.clock, self.hub, self.data_dir, wall_clock)
+        self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock)
+        self.link_ops.housekeep()
+        self.link = LinkWire(self.link_ops)
         creds = credentials.CredentialFile(self.credentials_file)
         self.json_api = JsonApi(self.api, creds.secret, wall_clock, throttle)
         self.guard = guard or default_guard()
@@ -359,4 +369,5 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.blobs.close()
         self.store.close()

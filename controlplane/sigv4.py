@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
 from controlplane.errors import ApiError
+from gatewaycore import rules
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_SKEW_SECONDS = 15 * 60
@@ -34,7 +35,6 @@ REQUIRED_SIGNED: tuple[tuple[str, bool], ...] = (
     ("x-amz-target", False),
     ("content-type", False),
 )
-REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+)\s*,\s*"
     r"SignedHeaders=(?P<headers>[^,\s]+)\s*,\s*Signature=(?P<sig>[0-9a-f]{64})\s*"
@@ -211,11 +211,13 @@ def verify(
             "InvalidSignatureException",
             f"Credential should be scoped to correct service: '{service}'.",
         )
-    if not REGION_RE.fullmatch(region):
+    try:
+        rules.region_code(region)
+    except rules.RuleError:
         raise ApiError(
             "InvalidSignatureException",
             f"Credential should be scoped to a valid region, not '{region}'.",
-        )
+        ) from None
     amz_date = (headers.get("x-amz-date") or [""])[0]
     try:
         signed_at = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

@@ -28,6 +28,19 @@ class Context:
         except (ApiUnavailable, ApiError) as exc:
             return None, str(exc)
 
+    def clock_stepped(self) -> str:
+        """Tell the daemon the clock was stepped; one line saying whether it heard.
+
+        The bandwidth schedule is in UTC: the daemon re-reads the clock at once, rather than
+        at its watcher's next check (within 5 s) or its shaper's next timer.
+        """
+        try:
+            self.api.clock_stepped()
+        except (ApiUnavailable, ApiError) as exc:
+            return (f"[WARNING] The daemon was not told of the new time ({exc}); it notices "
+                    "a step of the clock by itself within a few seconds.")
+        return "The daemon re-read the clock: the bandwidth schedule follows the system time."
+
     def submenu(
         self,
         title: str,

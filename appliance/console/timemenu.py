@@ -45,6 +45,8 @@ def view_time(ctx: Context) -> None:
     if term.confirm("Synchronize the time now"):
         for line in ctx.time.synchronise():
             term.say(line)
+        # Whether or not the clock moved: a resync that finds nothing changed costs nothing.
+        term.say(ctx.clock_stepped())
     term.pause()
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,51 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.identity import Identity
-from controlplane.clock import FakeClock
+from controlplane.pollhub import PollHub
 from controlplane.server import ControlPlane
 from gatewaycore import linkproto
 
 AWS = str(Path(sys.executable).parent / "aws")
 REGION = "us-west-2"
+
+
+class FakeClock:
+    """A business clock that moves only when told (expire keys, refill registration
+    buckets); thread-safe so a test thread can advance it while the server's loop reads it."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+class ObservedPollHub(PollHub):
+    """A PollHub that counts the polls waiting on each identity, so a test can wait until
+    its poll is really parked before making the change that must wake it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handed_out: dict[str, set[asyncio.Future[None]]] = {}
+
+    def waiter(self, key_id: str) -> asyncio.Future[None]:
+        fut = super().waiter(key_id)
+        self._handed_out.setdefault(key_id, set()).add(fut)
+        return fut
+
+    def discard(self, key_id: str, fut: asyncio.Future[None]) -> None:
+        super().discard(key_id, fut)
+        self._handed_out.get(key_id, set()).discard(fut)
+
+    def waiting(self, key_id: str) -> int:
+        """Polls of `key_id` waiting now; call it in the server's loop."""
+        return sum(1 for f in self._handed_out.get(key_id, ()) if not f.done())
 
 
 def aws_env(key: str, secret: str, home: Path) -> dict[str, str]:
@@ -93,6 +133,7 @@ class Server:
 
 
 async def _count(plane: ControlPlane, key_id: str) -> int:
+    assert isinstance(plane.hub, ObservedPollHub)
     return plane.hub.waiting(key_id)
 
 
@@ -161,7 +202,7 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 def server(tmp_path: Path) -> Iterator[Server]:
     """A control plane on 127.0.0.1:<free port>, its loop in a thread, with a fake clock."""
     clock = FakeClock()
-    plane = ControlPlane(tmp_path / "state", clock=clock)
+    plane = ControlPlane(tmp_path / "state", clock=clock, hub=ObservedPollHub())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from appliance.config import ListenAddress
-from appliance.daemon import Daemon
+from appliance.listeners import bind
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback he
 
 @needs_ipv6
 def test_ipv6_socket_is_v6only() -> None:
-    sock = Daemon._bind(ListenAddress("::1", 0))
+    sock = bind(ListenAddress("::1", 0))
     assert sock is not None
     try:
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1

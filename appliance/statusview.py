@@ -1,0 +1,80 @@
+"""What the local API shows: the status and schedule views, read from the parts that know.
+
+Read-only: a view never changes the state, so the API can answer it at any moment without
+waiting for (or racing with) the link loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.gatewaystate import GatewayState
+from appliance.identity import Identity
+from appliance.link import LinkClient
+from appliance.shaping import ScheduledShaper
+from appliance.version import __version__
+from gatewaycore import regions
+
+
+class StatusView:
+    """`GET /v1/status`, `/v1/schedule`, `/v1/shaping` (docs/local-api.md) and the default
+    region of a connectivity test."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        link: LinkClient,
+        gateway: GatewayState,
+        shaper: ScheduledShaper,
+        control_plane_url: str,
+    ) -> None:
+        self._identity = identity
+        self._link = link
+        self._gateway = gateway
+        self._shaper = shaper
+        self._url = control_plane_url
+
+    def status(self) -> dict[str, Any]:
+        st = self._gateway.state
+        link = self._link
+        return {
+            "softwareVersion": __version__,
+            "keyId": self._identity.key_id,
+            "activated": st.activated,
+            "deleted": st.deleted,
+            "registered": st.registered,
+            "gatewayArn": st.gateway_arn,
+            "gatewayName": st.gateway_name,
+            "region": st.region,
+            "deletedGatewayArn": st.deleted_gateway_arn,
+            "configVersion": st.config_version,
+            "softwareUpdate": {
+                "requests": st.software_update_request,
+                "lastRequestedAt": st.software_update_requested_at,
+            },
+            "controlPlane": {
+                "url": self._url,
+                "reachable": link.reachable,
+                "lastContact": link.last_contact,
+                "lastError": link.last_error,
+            },
+            "shaping": self._shaper.status(),
+        }
+
+    def shaping(self) -> dict[str, Any]:
+        return self._shaper.status()
+
+    def schedule(self) -> dict[str, Any]:
+        shaping = self._shaper.status()
+        schedule = self._shaper.schedule
+        return {
+            "intervals": schedule.to_api(),
+            "inForce": shaping["inForce"],
+            "limitBitsPerSec": shaping["limitBitsPerSec"],
+            "nextChange": shaping["nextChange"],
+            "preview": schedule.preview(),
+        }
+
+    def default_region(self) -> str:
+        """The activated region, else the default one (us-east-1)."""
+        return self._gateway.state.region or regions.default_region()
