@@ -144,3 +144,29 @@ def test_each_module_imports_alone_in_a_fresh_interpreter() -> None:
 @pytest.mark.parametrize("name", ["appliance.localapi", "appliance.console.app"])
 def test_no_daemon_behind_the_api_or_the_console(name: str) -> None:
     assert "appliance.daemon" not in GRAPH[name]
+
+
+# Which top-level packages each package may import: the shared core imports neither side,
+# and neither side imports the other (the control plane installs without the appliance).
+ALLOWED = {
+    "gatewaycore": {"gatewaycore"},
+    "appliance": {"appliance", "gatewaycore"},
+    "controlplane": {"controlplane", "gatewaycore"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_what_they_may(package: str) -> None:
+    wrong = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for top in {n.split(".")[0] for n in names} & set(ALLOWED):
+                if top not in ALLOWED[package]:
+                    wrong.append(f"{path.relative_to(REPO)} imports {top}")
+    assert not wrong, wrong
