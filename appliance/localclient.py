@@ -13,6 +13,8 @@ import json
 import socket
 from typing import Any
 
+from appliance.localerror import LocalError
+
 DEFAULT_SOCKET = "/run/appliance/api.sock"
 
 
@@ -20,17 +22,8 @@ class ApiUnavailable(Exception):
     """The daemon could not be reached or answered garbage."""
 
 
-class ApiError(Exception):
+class ApiError(LocalError):
     """The daemon answered with an error body."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None,
-                 existing: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.existing = existing  # 409 AlreadyExists: {name, size, sha256, storedAt}
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

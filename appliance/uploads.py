@@ -17,6 +17,7 @@ import aiohttp
 
 from appliance.gatewaystate import GatewayState
 from appliance.identity import Identity
+from appliance.localerror import LocalError
 from appliance.shaping import ScheduledShaper, ShaperClosed
 from appliance.upload import UploadError, UploadResult, check_name
 from appliance.upload import upload as send_upload
@@ -27,21 +28,8 @@ log = logging.getLogger(__name__)
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
-class UploadRefused(Exception):
-    """An upload the daemon will not (or could not) forward: the local API's error answer.
-
-    Every part of the answer is its own field (`status`, `code`, `message`, `field`,
-    `existing`), so the API writes its JSON error from them and nothing parses a message.
-    """
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 existing: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.existing = existing  # AlreadyExists: the object stored under the name
+class UploadRefused(LocalError):
+    """An upload the daemon will not (or could not) forward: the local API's error answer."""
 
 
 class Uploads:

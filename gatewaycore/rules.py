@@ -178,28 +178,22 @@ def region_code(value: Any, field: str = "region") -> str:
     return text
 
 
-def endpoint_type(value: Any, field: str = "endpointType") -> str:
-    if value not in ENDPOINT_TYPES:
-        raise RuleError(
-            field, f"{_shown(value)} is not accepted; accepted: {', '.join(ENDPOINT_TYPES)}"
-        )
+def _one_of(value: Any, field: str, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise RuleError(field, f"{_shown(value)} is not accepted; accepted: {', '.join(accepted)}")
     return str(value)
+
+
+def endpoint_type(value: Any, field: str = "endpointType") -> str:
+    return _one_of(value, field, ENDPOINT_TYPES)
 
 
 def ip_version(value: Any, field: str = "ipVersion") -> str:
-    if value not in IP_VERSIONS:
-        raise RuleError(
-            field, f"{_shown(value)} is not accepted; accepted: {', '.join(IP_VERSIONS)}"
-        )
-    return str(value)
+    return _one_of(value, field, IP_VERSIONS)
 
 
 def gateway_type(value: Any, field: str = "gatewayType") -> str:
-    if value not in GATEWAY_TYPES:
-        raise RuleError(
-            field, f"{_shown(value)} is not accepted; accepted: {', '.join(GATEWAY_TYPES)}"
-        )
-    return str(value)
+    return _one_of(value, field, GATEWAY_TYPES)
 
 
 def upload_name(value: Any, field: str = "name") -> str:
