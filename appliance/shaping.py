@@ -1,6 +1,6 @@
 """The upload shaper: one token bucket for every upload of the gateway, following the schedule.
 
-Why this shape (see /work/shared/reference/shaping-notes.md for what was measured):
+Why this shape (the figures it was tuned against are in the README, "Measured here"):
 
 - Reservation model (as Go's x/time/rate): a caller takes its bytes from the bucket at once,
   the count may go negative, and the caller waits until its reservation matures. Waiters are
