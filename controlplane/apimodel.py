@@ -70,6 +70,52 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max": 20,
         "member": "BandwidthRateLimitInterval",
     },
+    # Hypervisors and virtual machines. `sensitive` as in the model: never echo or log.
+    "Host": {"type": "string", "min": 3, "max": 128, "pattern": ".+"},
+    "Username": {
+        "type": "string",
+        "min": 1,
+        "max": 100,
+        "pattern": r"[ -\.0-\[\]-~]*[!-\.0-\[\]-~][ -\.0-\[\]-~]*",
+        "sensitive": True,
+    },
+    "Password": {
+        "type": "string", "min": 1, "max": 100, "pattern": "[ -~]+", "sensitive": True,
+    },
+    "KmsKeyArn": {
+        "type": "string",
+        "min": 50,
+        "max": 500,
+        "pattern": r"(^arn:(aws|aws-cn|aws-us-gov):kms:([a-zA-Z0-9-]+):([0-9]+):(key|alias)/(\S+)$)"
+                   r"|(^alias/(\S+)$)",
+    },
+    "ServerArn": {"type": "string", "min": 50, "max": 500, "pattern": _ARN_PATTERN},
+    "LogGroupArn": {
+        "type": "string",
+        "min": 0,
+        "max": 2048,
+        "pattern": r"$|^arn:(aws|aws-cn|aws-us-gov):logs:([a-zA-Z0-9-]+):([0-9]+):log-group:"
+                   r"[a-zA-Z0-9_\-\/\.]+:\*",
+    },
+    "IamRoleArn": {
+        "type": "string",
+        "min": 20,
+        "max": 2048,
+        "pattern": r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]+):role/(\S+)",
+    },
+    "VmwareCategory": {"type": "string", "min": 1, "max": 80},
+    "VmwareTagName": {"type": "string", "min": 1, "max": 80},
+    "VmwareToAwsTagMapping": {
+        "type": "structure",
+        "required": ["VmwareCategory", "VmwareTagName", "AwsTagKey", "AwsTagValue"],
+        "members": {
+            "VmwareCategory": "VmwareCategory",
+            "VmwareTagName": "VmwareTagName",
+            "AwsTagKey": "TagKey",
+            "AwsTagValue": "TagValue",
+        },
+    },
+    "VmwareToAwsTagMappings": {"type": "list", "member": "VmwareToAwsTagMapping"},
     # Inputs.
     "CreateGatewayInput": {
         "type": "structure",
@@ -144,7 +190,106 @@ SHAPES: dict[str, dict[str, Any]] = {
             "DayOfMonth": "DayOfMonth",
         },
     },
+    "ImportHypervisorConfigurationInput": {
+        "type": "structure",
+        "required": ["Name", "Host"],
+        "members": {
+            "Name": "Name",
+            "Host": "Host",
+            "Username": "Username",
+            "Password": "Password",
+            "KmsKeyArn": "KmsKeyArn",
+            "Tags": "Tags",
+        },
+    },
+    "GetHypervisorInput": {
+        "type": "structure",
+        "required": ["HypervisorArn"],
+        "members": {"HypervisorArn": "ServerArn"},
+    },
+    "ListHypervisorsInput": {
+        "type": "structure",
+        "members": {"MaxResults": "MaxResults", "NextToken": "NextToken"},
+    },
+    "UpdateHypervisorInput": {
+        "type": "structure",
+        "required": ["HypervisorArn"],
+        "members": {
+            "HypervisorArn": "ServerArn",
+            "Host": "Host",
+            "Username": "Username",
+            "Password": "Password",
+            "Name": "Name",
+            "LogGroupArn": "LogGroupArn",
+        },
+    },
+    "DeleteHypervisorInput": {
+        "type": "structure",
+        "required": ["HypervisorArn"],
+        "members": {"HypervisorArn": "ServerArn"},
+    },
+    "TestHypervisorConfigurationInput": {
+        "type": "structure",
+        "required": ["GatewayArn", "Host"],
+        "members": {
+            "GatewayArn": "GatewayArn",
+            "Host": "Host",
+            "Username": "Username",
+            "Password": "Password",
+        },
+    },
+    "AssociateGatewayToServerInput": {
+        "type": "structure",
+        "required": ["GatewayArn", "ServerArn"],
+        "members": {"GatewayArn": "GatewayArn", "ServerArn": "ServerArn"},
+    },
+    "DisassociateGatewayFromServerInput": {
+        "type": "structure",
+        "required": ["GatewayArn"],
+        "members": {"GatewayArn": "GatewayArn"},
+    },
+    "GetHypervisorPropertyMappingsInput": {
+        "type": "structure",
+        "required": ["HypervisorArn"],
+        "members": {"HypervisorArn": "ServerArn"},
+    },
+    "PutHypervisorPropertyMappingsInput": {
+        "type": "structure",
+        "required": ["HypervisorArn", "VmwareToAwsTagMappings", "IamRoleArn"],
+        "members": {
+            "HypervisorArn": "ServerArn",
+            "VmwareToAwsTagMappings": "VmwareToAwsTagMappings",
+            "IamRoleArn": "IamRoleArn",
+        },
+    },
+    "StartVirtualMachinesMetadataSyncInput": {
+        "type": "structure",
+        "required": ["HypervisorArn"],
+        "members": {"HypervisorArn": "ServerArn"},
+    },
+    "ListVirtualMachinesInput": {
+        "type": "structure",
+        "members": {
+            "HypervisorArn": "ServerArn",
+            "MaxResults": "MaxResults",
+            "NextToken": "NextToken",
+        },
+    },
+    "GetVirtualMachineInput": {
+        "type": "structure",
+        "required": ["ResourceArn"],
+        "members": {"ResourceArn": "ResourceArn"},
+    },
 }
+
+_V, _C, _I, _A, _N, _T = (
+    "ValidationException",
+    "ConflictException",
+    "InternalServerException",
+    "AccessDeniedException",
+    "ResourceNotFoundException",
+    "ThrottlingException",
+)
 
 # Operation -> (input shape, the errors the model declares for it).
 OPERATIONS: dict[str, tuple[str, list[str]]] = {
@@ -248,6 +393,24 @@ OPERATIONS: dict[str, tuple[str, list[str]]] = {
             "ThrottlingException",
         ],
     ),
+    # Hypervisors and virtual machines (errors in the model's order).
+    "ImportHypervisorConfiguration": ("ImportHypervisorConfigurationInput", [_V, _C, _I, _A, _T]),
+    "GetHypervisor": ("GetHypervisorInput", [_V, _I, _N, _T]),
+    "ListHypervisors": ("ListHypervisorsInput", [_V, _I, _T]),
+    "UpdateHypervisor": ("UpdateHypervisorInput", [_V, _C, _I, _A, _N, _T]),
+    "DeleteHypervisor": ("DeleteHypervisorInput", [_V, _C, _I, _A, _N, _T]),
+    "TestHypervisorConfiguration": ("TestHypervisorConfigurationInput", [_V, _C, _I, _N, _T]),
+    "AssociateGatewayToServer": ("AssociateGatewayToServerInput", [_V, _C, _I, _T]),
+    "DisassociateGatewayFromServer": ("DisassociateGatewayFromServerInput", [_V, _C, _I, _N, _T]),
+    "GetHypervisorPropertyMappings": ("GetHypervisorPropertyMappingsInput", [_V, _I, _N, _T]),
+    "PutHypervisorPropertyMappings": (
+        "PutHypervisorPropertyMappingsInput", [_V, _C, _I, _A, _N, _T],
+    ),
+    "StartVirtualMachinesMetadataSync": (
+        "StartVirtualMachinesMetadataSyncInput", [_V, _I, _A, _N, _T],
+    ),
+    "ListVirtualMachines": ("ListVirtualMachinesInput", [_V, _I, _T]),
+    "GetVirtualMachine": ("GetVirtualMachineInput", [_V, _I, _N, _T]),
 }
 
 # Error name -> HTTP status, from the model's `error.httpStatusCode`.

@@ -11,6 +11,11 @@ the status, code, message and fields of the refusal.
 database (any fresh Ed25519 key signs its own registration). It is rate-limited per source
 (`admit_registration`) and what it writes expires (`housekeep`, run at most once a minute as
 part of normal requests), so the rows a flood can leave are bounded.
+
+The hypervisor part (docs/link-protocol.md, "Hypervisors"): the poll answer carries the
+gateway's hypervisor and the TestHypervisorConfiguration calls waiting for it, with every
+password sealed to the X25519 key the gateway's polls carry (gatewaycore.sealed), and two
+reports come back: a test's result and an inventory of VMs.
 """
 
 from __future__ import annotations
@@ -19,18 +24,31 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.atrest import SecretDecryptError, SecretsAtRest
 from controlplane.blobstore import BlobStore, Part
 from controlplane.clock import Clock
+from controlplane.pendingtests import ERROR_CODES, PendingTests, TestResult
 from controlplane.pollhub import PollHub
-from controlplane.store import Identity, Store, StoreError, UploadExists, UploadRecord
+from controlplane.store import (
+    Hypervisor,
+    Identity,
+    ReportedVm,
+    Store,
+    StoreError,
+    UploadExists,
+    UploadRecord,
+    state_of,
+    vm_arn,
+)
 from controlplane.throttle import RegistrationThrottle
-from gatewaycore import linkproto, rules
+from gatewaycore import linkproto, rules, sealed
 from gatewaycore.utctime import format_utc
 
 log = logging.getLogger("controlplane.link")
@@ -38,6 +56,14 @@ log = logging.getLogger("controlplane.link")
 KEY_LIFETIME_SECONDS = 30 * 60
 MAX_WAIT_SECONDS = 25
 PURGE_INTERVAL_SECONDS = 60.0
+# Bounds of what a gateway reports about its hypervisor (the body itself is bounded by the
+# wire: 8 MiB for an inventory).
+MAX_MESSAGE = 1024
+MAX_VMS = 10_000
+MAX_VM_TAGS = 50
+_TEST_ID = re.compile(r"[0-9a-f]{32}")
+_VM_UUID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: a UUID, a moref...
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -96,7 +122,13 @@ class LinkOps:
         clock: Clock,
         wall_clock: Callable[[], float] = time.time,
         registrations: RegistrationThrottle | None = None,
+        secrets_at_rest: SecretsAtRest | None = None,
+        tests: PendingTests | None = None,
     ) -> None:
+        """`secrets_at_rest` and `tests` are shared with the API (operations.py): the
+        passwords it stored, the tests it is waiting on."""
+        self.secrets = secrets_at_rest or SecretsAtRest.ephemeral()
+        self.tests = tests or PendingTests()
         self.store = store
         self.blobs = blobs
         self.hub = hub
@@ -209,10 +241,14 @@ class LinkOps:
     # -- POST /gateway/poll ---------------------------------------------------------------
 
     async def poll(
-        self, identity: Identity, after: Any, wait: Any, software_version: Any
+        self, identity: Identity, after: Any, wait: Any, software_version: Any,
+        seal_key: Any = None,
     ) -> dict[str, Any]:
         """The gateway's state once its version is past `after`, or after `wait` seconds
-        (or at shutdown): the long-poll that tells a gateway of a change at once."""
+        (or at shutdown): the long-poll that tells a gateway of a change at once.
+
+        A new `seal_key` is kept and bumps the version, so a password held back for want
+        of a key goes out in this very answer."""
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise invalid("after", f"must be an integer >= 0, got {after!r}")
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not (
@@ -224,6 +260,15 @@ class LinkOps:
                 software_version = rules.software_version(software_version)
             except rules.RuleError as err:
                 raise _rule_refused(err) from None
+        if seal_key is not None:
+            if not isinstance(seal_key, str):
+                raise invalid("sealKey", "must be a base64 X25519 public key (a string)")
+            try:
+                raw = sealed.decode_public(seal_key)
+            except sealed.SealError as exc:
+                raise invalid("sealKey", str(exc)) from None
+            if self.store.set_seal_key(identity.key_id, raw):
+                log.info("event=seal_key_recorded key_id=%s", identity.key_id)
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(wait)
@@ -248,6 +293,10 @@ class LinkOps:
         assert identity is not None
         gateway = self.store.gateway_by_id(identity.gateway_id) if identity.gateway_id else None
         state = "deleted" if identity.deleted else "activated" if gateway else "pending"
+        live = gateway is not None and not identity.deleted
+        hypervisor = None
+        if live and gateway is not None and gateway.hypervisor_id:
+            hypervisor = self.store.hypervisor_by_id(gateway.hypervisor_id)
         return {
             "version": identity.version,
             "state": state,
@@ -256,7 +305,97 @@ class LinkOps:
             "region": gateway.region if gateway else None,
             "bandwidthRateLimitIntervals": gateway.schedule if gateway else [],
             "softwareUpdateRequest": gateway.software_update_request if gateway else 0,
+            "hypervisor": self._hypervisor_view(identity, hypervisor) if hypervisor else None,
+            "tests": [
+                {"testId": t.test_id, "host": t.host, "username": t.username,
+                 **self._sealed_password(identity, t.password)}
+                for t in self.tests.for_gateway(key_id)
+            ] if live else [],
         }
+
+    def _hypervisor_view(self, identity: Identity, hypervisor: Hypervisor) -> dict[str, Any]:
+        password = None
+        if hypervisor.password is not None:
+            try:
+                password = self.secrets.decrypt(hypervisor.password, hypervisor.arn)
+            except SecretDecryptError as exc:
+                log.error("event=secret_unreadable arn=%s error=%s", hypervisor.arn, exc)
+        return {
+            "hypervisorArn": hypervisor.arn,
+            "host": hypervisor.host,
+            "username": hypervisor.username,
+            **self._sealed_password(identity, password),
+            "syncRequest": hypervisor.sync_request,
+        }
+
+    @staticmethod
+    def _sealed_password(identity: Identity, password: str | None) -> dict[str, Any]:
+        """`password` sealed to the gateway's key, or held back until it sends one."""
+        if password is None:
+            return {"password": None, "passwordPending": False}
+        if identity.seal_key is None:
+            return {"password": None, "passwordPending": True}
+        return {"password": sealed.seal(identity.seal_key, password.encode()),
+                "passwordPending": False}
+
+    # -- POST /gateway/hypervisor/test-result ---------------------------------------------
+
+    def test_result(self, identity: Identity, test_id: Any, ok: Any, error_code: Any,
+                    message: Any) -> dict[str, Any]:
+        """The gateway's answer to a test: completes the waiting API call."""
+        if not isinstance(test_id, str) or not _TEST_ID.fullmatch(test_id):
+            raise invalid("testId", "must be the testId of a test in the poll answer "
+                                    "(32 lowercase hex digits)")
+        result = _report_outcome(ok, error_code, message)
+        if not self.tests.report(identity.key_id, test_id, result):
+            raise LinkError(404, "UnknownTest",
+                            f"no test {test_id} is waiting for this gateway (answered, "
+                            "expired, or its API call stopped waiting)")
+        log.info("event=hypervisor_test_reported key_id=%s test_id=%s ok=%s error=%s",
+                 identity.key_id, test_id, str(result.ok).lower(), result.error_code)
+        return {}
+
+    # -- POST /gateway/hypervisor/inventory -----------------------------------------------
+
+    def inventory(self, identity: Identity, hypervisor_arn: Any, sync_request: Any, ok: Any,
+                  error_code: Any, message: Any, vms: Any) -> dict[str, Any]:
+        """A sync's outcome: on success the VM list replaces the hypervisor's (stable ARNs,
+        the missing ones removed); either way the sync status, time and State are set."""
+        if not isinstance(hypervisor_arn, str) or not 1 <= len(hypervisor_arn) <= 500:
+            raise invalid("hypervisorArn", "must be the hypervisorArn of the poll answer")
+        if isinstance(sync_request, bool) or not isinstance(sync_request, int) or (
+            sync_request < 0
+        ):
+            raise invalid("syncRequest", "must be an integer >= 0 (the poll's syncRequest)")
+        outcome = _report_outcome(ok, error_code, message)
+        reported = _reported_vms(vms) if outcome.ok else None
+        if identity.deleted or not identity.gateway_id:
+            raise LinkError(403, "NotActivated", "this gateway is not activated")
+        gateway = self.store.gateway_by_id(identity.gateway_id)
+        hypervisor = self.store.hypervisor(hypervisor_arn)
+        if gateway is None or hypervisor is None or (
+            gateway.hypervisor_id != hypervisor.hypervisor_id
+        ):
+            raise LinkError(403, "NotAssociated",
+                            f"this gateway is not associated with hypervisor {hypervisor_arn}")
+        if sync_request > hypervisor.sync_request:
+            raise invalid("syncRequest", f"{sync_request} was never asked for (the latest is "
+                                         f"{hypervisor.sync_request})")
+        if outcome.ok:
+            status, text = "SUCCEEDED", None
+        else:
+            status = "FAILED"
+            text = f"{outcome.error_code}: {outcome.message or 'no detail given'}"
+        result = self.store.record_inventory(
+            hypervisor.hypervisor_id, reported, lambda uuid: vm_arn(hypervisor, uuid),
+            state_of(outcome.ok, outcome.error_code), status, text, self.clock.now(),
+        )
+        log.info(
+            "event=vm_inventory hypervisor=%s gateway=%s sync_request=%d status=%s vms=%d "
+            "added=%d removed=%d", hypervisor.arn, gateway.arn, sync_request, status,
+            result.kept, result.added, result.removed,
+        )
+        return {"vms": result.kept}
 
     # -- PUT /gateway/data/{name} ---------------------------------------------------------
 
@@ -330,3 +469,75 @@ def _already_exists(existing: UploadRecord) -> LinkError:
         f"{existing.sha256}, stored {stored_at}; upload with replace=true to replace it",
         name=existing.name, size=existing.size, sha256=existing.sha256, storedAt=stored_at,
     )
+
+
+def _report_outcome(ok: Any, error_code: Any, message: Any) -> TestResult:
+    """`ok`, `errorCode`, `message` of a gateway's report, checked together."""
+    if not isinstance(ok, bool):
+        raise invalid("ok", "must be true or false")
+    if message is not None and (not isinstance(message, str) or len(message) > MAX_MESSAGE):
+        raise invalid("message", f"must be null or a string of at most {MAX_MESSAGE} "
+                                 "characters")
+    if ok:
+        if error_code is not None:
+            raise invalid("errorCode", "must be null when ok is true")
+        return TestResult(True, None, message)
+    if error_code not in ERROR_CODES:
+        raise invalid("errorCode", f"must be one of {', '.join(ERROR_CODES)} when ok is "
+                                   "false")
+    return TestResult(False, error_code, message)
+
+
+def _text_field(value: Any, field: str, max_len: int, required: bool = True) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
+        raise invalid(field, f"must be a string of 1-{max_len} characters")
+    if _CONTROL.search(value):
+        raise invalid(field, "must not contain control characters")
+    return value
+
+
+def _reported_vms(vms: Any) -> list[ReportedVm]:
+    """The `vms` of an inventory, every field checked (named by its index) and bounded by
+    the API shapes the VMs are answered in (Name 100, Path 4096, VmwareCategory and
+    VmwareTagName 80)."""
+    if not isinstance(vms, list):
+        raise invalid("vms", "must be a list when ok is true")
+    if len(vms) > MAX_VMS:
+        raise invalid("vms", f"at most {MAX_VMS} virtual machines, got {len(vms)}")
+    out: list[ReportedVm] = []
+    seen: set[str] = set()
+    for i, vm in enumerate(vms):
+        where = f"vms[{i}]"
+        if not isinstance(vm, dict):
+            raise invalid(where, "must be an object")
+        uuid = vm.get("uuid")
+        if not isinstance(uuid, str) or not _VM_UUID.fullmatch(uuid):
+            raise invalid(f"{where}.uuid", "must be 1-128 printable ASCII characters")
+        if uuid in seen:
+            raise invalid(f"{where}.uuid", f"{uuid!r} is reported twice")
+        seen.add(uuid)
+        name = _text_field(vm.get("name"), f"{where}.name", 100)
+        path = _text_field(vm.get("path"), f"{where}.path", 4096)
+        host_name = _text_field(vm.get("hostName"), f"{where}.hostName", 100, required=False)
+        tags = vm.get("tags", [])
+        if not isinstance(tags, list) or len(tags) > MAX_VM_TAGS:
+            raise invalid(f"{where}.tags", f"must be a list of at most {MAX_VM_TAGS} tags")
+        vmware_tags = []
+        for j, tag in enumerate(tags):
+            at = f"{where}.tags[{j}]"
+            if not isinstance(tag, dict):
+                raise invalid(at, "must be an object {key, value}")
+            item = {
+                "VmwareCategory": _text_field(tag.get("key"), f"{at}.key", 80),
+                "VmwareTagName": _text_field(tag.get("value"), f"{at}.value", 80),
+            }
+            description = _text_field(tag.get("description"), f"{at}.description", 1024,
+                                      required=False)
+            if description is not None:
+                item["VmwareTagDescription"] = description
+            vmware_tags.append(item)
+        assert name is not None and path is not None
+        out.append(ReportedVm(uuid, name, path, host_name, vmware_tags))
+    return out

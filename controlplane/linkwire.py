@@ -26,6 +26,8 @@ from gatewaycore import linkproto, safejson
 log = logging.getLogger("controlplane.link")
 
 MAX_JSON_BODY = 64 * 1024
+# An inventory lists every VM of a hypervisor (thousands, with paths and tags).
+MAX_INVENTORY_BODY = 8 * 1024 * 1024
 
 
 # Where the Expect handler leaves its admission for the upload handler (no second nonce).
@@ -46,6 +48,8 @@ class LinkWire:
         return [
             web.post("/gateway/activation-key", self._wrap(self.activation_key)),
             web.post("/gateway/poll", self._wrap(self.poll)),
+            web.post("/gateway/hypervisor/test-result", self._wrap(self.test_result)),
+            web.post("/gateway/hypervisor/inventory", self._wrap(self.inventory)),
             web.put("/gateway/data/{name}", self._wrap(self.upload),
                     expect_handler=self._upload_expect),
         ]
@@ -115,10 +119,13 @@ class LinkWire:
         return self.ops.identity(key_id)
 
     @staticmethod
-    async def _json_body(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        body = await request.content.read(MAX_JSON_BODY + 1)
-        if len(body) > MAX_JSON_BODY:
-            raise LinkError(413, "ValidationError", f"body: larger than {MAX_JSON_BODY} bytes")
+    async def _json_body(request: web.Request, limit: int = MAX_JSON_BODY
+                         ) -> tuple[bytes, dict[str, Any]]:
+        if request.content_length is not None and request.content_length > limit:
+            raise LinkError(413, "ValidationError", f"body: larger than {limit} bytes")
+        body = await _read_at_most(request, limit + 1)
+        if len(body) > limit:
+            raise LinkError(413, "ValidationError", f"body: larger than {limit} bytes")
         try:
             payload = safejson.loads_object(body)
         except safejson.JsonError as exc:
@@ -162,6 +169,43 @@ class LinkWire:
             after=payload.get("after", 0),
             wait=payload.get("wait", MAX_WAIT_SECONDS),
             software_version=payload.get("softwareVersion"),
+            seal_key=payload.get("sealKey"),
+        )
+        return web.json_response(answer)
+
+    # -- POST /gateway/hypervisor/test-result and /inventory ------------------------------
+
+    async def _signed_json(self, request: web.Request, limit: int = MAX_JSON_BODY
+                           ) -> tuple[Identity, dict[str, Any]]:
+        """The signature is checked before the body is read: only a registered gateway
+        can make the server buffer up to `limit` bytes."""
+        identity = self._identity(request)
+        declared = self._verify(request, identity.public_key, identity.key_id)
+        body, payload = await self._json_body(request, limit)
+        self._check_body_hash(declared, body)
+        return identity, payload
+
+    async def test_result(self, request: web.Request) -> web.StreamResponse:
+        identity, payload = await self._signed_json(request)
+        answer = self.ops.test_result(
+            identity,
+            test_id=payload.get("testId"),
+            ok=payload.get("ok"),
+            error_code=payload.get("errorCode"),
+            message=payload.get("message"),
+        )
+        return web.json_response(answer)
+
+    async def inventory(self, request: web.Request) -> web.StreamResponse:
+        identity, payload = await self._signed_json(request, MAX_INVENTORY_BODY)
+        answer = self.ops.inventory(
+            identity,
+            hypervisor_arn=payload.get("hypervisorArn"),
+            sync_request=payload.get("syncRequest"),
+            ok=payload.get("ok"),
+            error_code=payload.get("errorCode"),
+            message=payload.get("message"),
+            vms=payload.get("vms"),
         )
         return web.json_response(answer)
 
@@ -203,3 +247,17 @@ def _replace_param(request: web.Request) -> bool:
     if len(values) > 1 or (values and values[0] not in ("true", "false")):
         raise invalid("replace", "must be given once, as true or false")
     return bool(values) and values[0] == "true"
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """Up to `limit` bytes of the body: `StreamReader.read(n)` may return one chunk at a
+    time, so a large body takes several reads."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -26,13 +26,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from controlplane import credentials
+from controlplane import atrest, credentials
 from controlplane.blobstore import BlobStore
 from controlplane.clock import Clock, SystemClock
 from controlplane.errors import ApiError
 from controlplane.linkops import LinkOps
 from controlplane.linkwire import LinkWire
-from controlplane.operations import BackupGatewayApi
+from controlplane.operations import TEST_TIMEOUT_SECONDS, BackupGatewayApi
+from controlplane.pendingtests import PendingTests
 from controlplane.pollhub import PollHub
 from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
 from controlplane.store import DB_FILE, Store
@@ -306,9 +307,12 @@ class ControlPlane:
         throttle: Throttle | None = None,
         guard: ConnectionGuard | None = None,
         hub: PollHub | None = None,
+        hypervisor_test_timeout: float = TEST_TIMEOUT_SECONDS,
     ) -> None:
         """`clock` is business time (key expiry, last seen); `wall_clock` checks signatures.
-        Tests pass their own clock, throttle, guard or hub (one that reports its waiters)."""
+        Tests pass their own clock, throttle, guard or hub (one that reports its waiters),
+        and a short `hypervisor_test_timeout` (how long TestHypervisorConfiguration waits
+        for the gateway's answer)."""
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.credentials_file = credentials_file or state_dir / credentials.FILE_NAME
@@ -320,8 +324,14 @@ class ControlPlane:
         self.blobs = BlobStore(self.data_dir)
         self.blobs.reconcile(self.store)  # what a crash left half done, before any request
         self.hub = hub or PollHub()
-        self.api = BackupGatewayApi(self.store, self.clock, self.hub.notify)
-        self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock)
+        # The key the hypervisor passwords are encrypted under in the database (0600).
+        self.secrets = atrest.SecretsAtRest.load_or_create(state_dir / atrest.KEY_FILE)
+        self.hypervisor_tests = PendingTests()
+        self.api = BackupGatewayApi(self.store, self.clock, self.hub.notify,
+                                    secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
+                                    test_timeout=hypervisor_test_timeout)
+        self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock,
+                                secrets_at_rest=self.secrets, tests=self.hypervisor_tests)
         self.link_ops.housekeep()
         self.link = LinkWire(self.link_ops)
         creds = credentials.CredentialFile(self.credentials_file)
@@ -333,7 +343,7 @@ class ControlPlane:
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_API_BODY)
-        app.router.add_post("/", self.json_api.handle)
+        app.router.add_routes(self.json_api.routes())  # POST / and the rpcv2Cbor path
         app.router.add_routes(self.link.routes())
         return app
 

@@ -15,12 +15,13 @@ EXPLAIN QUERY PLAN): housekeeping never scans a table.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,39 @@ CREATE TABLE IF NOT EXISTS nonces (
     seen_at REAL NOT NULL,
     PRIMARY KEY (key_id, nonce)
 );
+CREATE TABLE IF NOT EXISTS hypervisors (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    hypervisor_id TEXT NOT NULL UNIQUE,
+    arn TEXT NOT NULL UNIQUE,
+    region TEXT NOT NULL,
+    name TEXT NOT NULL,
+    host TEXT NOT NULL,
+    username TEXT,
+    password BLOB,
+    kms_key_arn TEXT,
+    log_group_arn TEXT,
+    state TEXT NOT NULL DEFAULT 'PENDING',
+    sync_request INTEGER NOT NULL DEFAULT 0,
+    sync_status TEXT,
+    sync_message TEXT,
+    last_sync REAL,
+    mappings TEXT NOT NULL DEFAULT '[]',
+    iam_role_arn TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    arn TEXT NOT NULL UNIQUE,
+    hypervisor_id TEXT NOT NULL REFERENCES hypervisors(hypervisor_id),
+    region TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    host_name TEXT,
+    tags TEXT NOT NULL DEFAULT '[]',
+    last_backup REAL,
+    UNIQUE (hypervisor_id, uuid)
+);
 CREATE TABLE IF NOT EXISTS uploads (
     gateway_id TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -93,6 +127,10 @@ _ADDED_COLUMNS = (
     ("identities", "pending_until", "REAL"),
     # The .incoming part file of an upload being committed; NULL once the rename is done.
     ("uploads", "part", "TEXT"),
+    # The hypervisor a gateway is associated with (hypervisors.hypervisor_id), or NULL.
+    ("gateways", "hypervisor_id", "TEXT"),
+    # The newest X25519 sealing key a gateway's poll carried (raw 32 bytes), or NULL.
+    ("identities", "seal_key", "BLOB"),
 )
 
 # Created after the columns above exist. The purge filters on the time columns; the key_id
@@ -103,6 +141,10 @@ CREATE INDEX IF NOT EXISTS activation_keys_unused_expiry ON activation_keys (exp
     WHERE used_at IS NULL;
 CREATE INDEX IF NOT EXISTS activation_keys_key_id ON activation_keys (key_id);
 CREATE INDEX IF NOT EXISTS gateways_key_id ON gateways (key_id);
+CREATE INDEX IF NOT EXISTS gateways_hypervisor_id ON gateways (hypervisor_id)
+    WHERE hypervisor_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS hypervisors_region ON hypervisors (region, seq);
+CREATE INDEX IF NOT EXISTS vms_region ON vms (region, seq);
 CREATE INDEX IF NOT EXISTS identities_pending_until ON identities (pending_until)
     WHERE gateway_id IS NULL AND deleted = 0;
 """
@@ -174,6 +216,7 @@ class Identity:
     version: int
     gateway_id: str | None
     deleted: bool
+    seal_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +251,68 @@ class Gateway:
     maintenance: dict[str, int] | None
     last_seen: float | None
     software_version: str | None
+    hypervisor_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    """An imported hypervisor; `password` is the encrypted blob (controlplane.atrest)."""
+
+    seq: int
+    hypervisor_id: str
+    arn: str
+    region: str
+    name: str
+    host: str
+    username: str | None
+    password: bytes | None = field(repr=False)
+    kms_key_arn: str | None
+    log_group_arn: str | None
+    state: str
+    sync_request: int
+    sync_status: str | None
+    sync_message: str | None
+    last_sync: float | None
+    mappings: list[dict[str, str]]
+    iam_role_arn: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    """A VM as its hypervisor's last inventory reported it; `tags` are the VMware tags
+    (`VmwareCategory`, `VmwareTagName`, optional `VmwareTagDescription`)."""
+
+    seq: int
+    arn: str
+    hypervisor_id: str
+    region: str
+    uuid: str
+    name: str
+    path: str
+    host_name: str | None
+    tags: list[dict[str, str]]
+    last_backup: float | None
+
+
+@dataclass(frozen=True)
+class ReportedVm:
+    """One VM of an inventory, as the gateway reported it (already validated)."""
+
+    uuid: str
+    name: str
+    path: str
+    host_name: str | None
+    tags: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """What an inventory did: VMs kept (listed now), added and removed."""
+
+    kept: int
+    added: int
+    removed: int
 
 
 def partition_of(region: str) -> str:
@@ -219,10 +324,28 @@ def partition_of(region: str) -> str:
     return "aws"
 
 
+def vm_arn(hypervisor: Hypervisor, uuid: str) -> str:
+    """The ARN of a VM: stable across syncs, derived from its hypervisor and its uuid, so a
+    VM keeps its ARN (and its tags) while it is reported and the same VM seen through two
+    gateways has one ARN."""
+    digest = hashlib.sha256(f"{hypervisor.hypervisor_id}\0{uuid}".encode()).hexdigest()
+    prefix = hypervisor.arn.rsplit(":", 1)[0]
+    return f"{prefix}:vm/vm-{digest[:17]}"
+
+
+def state_of(ok: bool, error_code: str | None) -> str:
+    """A hypervisor's State after a gateway's report: reachable and usable (ONLINE), not
+    reachable (OFFLINE), or reachable but refusing us (ERROR)."""
+    if ok:
+        return "ONLINE"
+    return "OFFLINE" if error_code == "HostUnreachable" else "ERROR"
+
+
 _GATEWAY_SELECT = """
 SELECT g.seq, g.gateway_id, g.arn, g.key_id, g.region, g.name, g.gateway_type, g.endpoint_type,
        g.ip_version, g.vpc_endpoint, g.created_at, g.deleted_at, g.schedule,
-       g.software_update_request, g.maintenance, i.last_seen, i.software_version
+       g.software_update_request, g.maintenance, i.last_seen, i.software_version,
+       g.hypervisor_id
 FROM gateways g JOIN identities i ON i.key_id = g.key_id
 """
 
@@ -246,6 +369,7 @@ def _gateway(row: sqlite3.Row) -> Gateway:
         maintenance=json.loads(row[14]) if row[14] else None,
         last_seen=row[15],
         software_version=row[16],
+        hypervisor_id=row[17],
     )
 
 
@@ -313,12 +437,13 @@ class Store:
     def identity(self, key_id: str) -> Identity | None:
         row = self._db.execute(
             "SELECT key_id, public_key, last_seen, software_version, version, gateway_id,"
-            " deleted FROM identities WHERE key_id=?",
+            " deleted, seal_key FROM identities WHERE key_id=?",
             (key_id,),
         ).fetchone()
         if row is None:
             return None
-        return Identity(row[0], bytes(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
+        return Identity(row[0], bytes(row[1]), row[2], row[3], row[4], row[5], bool(row[6]),
+                        bytes(row[7]) if row[7] is not None else None)
 
     def issue_key(
         self,
@@ -520,7 +645,8 @@ class Store:
             ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE gateways SET deleted_at=? WHERE arn=?", (now, arn))
+            db.execute("UPDATE gateways SET deleted_at=?, hypervisor_id=NULL WHERE arn=?",
+                       (now, arn))
             db.execute(
                 "UPDATE identities SET deleted=1, version=version+1 WHERE key_id=?", (row[0],)
             )
@@ -547,6 +673,337 @@ class Store:
     def untag(self, arn: str, keys: list[str]) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM tags WHERE arn=? AND key=?", [(arn, k) for k in keys])
+
+    # -- hypervisors and virtual machines ---------------------------------------------
+    #
+    # A gateway is associated with at most one hypervisor (gateways.hypervisor_id), a
+    # hypervisor with any number of gateways. What a gateway must learn of its hypervisor
+    # (host, credentials, a sync request) reaches it through its poll, so every change of
+    # those bumps the version of each associated gateway's identity, in the same
+    # transaction; the key ids returned are the polls to wake.
+
+    _HYPERVISOR_COLUMNS = (
+        "seq, hypervisor_id, arn, region, name, host, username, password, kms_key_arn,"
+        " log_group_arn, state, sync_request, sync_status, sync_message, last_sync, mappings,"
+        " iam_role_arn, created_at"
+    )
+    _VM_COLUMNS = (
+        "seq, arn, hypervisor_id, region, uuid, name, path, host_name, tags, last_backup"
+    )
+    # Columns update_hypervisor may set (they go into the SQL text: allow-list only), and
+    # those whose change the gateways must act on (a new sync with the new settings).
+    _HYPERVISOR_SETTABLE = frozenset({"name", "host", "username", "password", "log_group_arn"})
+    _HYPERVISOR_RESYNC = frozenset({"host", "username", "password"})
+
+    @staticmethod
+    def _hypervisor_row(row: sqlite3.Row | tuple[Any, ...]) -> Hypervisor:
+        return Hypervisor(
+            seq=row[0], hypervisor_id=row[1], arn=row[2], region=row[3], name=row[4],
+            host=row[5], username=row[6],
+            password=bytes(row[7]) if row[7] is not None else None,
+            kms_key_arn=row[8], log_group_arn=row[9], state=row[10], sync_request=row[11],
+            sync_status=row[12], sync_message=row[13], last_sync=row[14],
+            mappings=json.loads(row[15]), iam_role_arn=row[16], created_at=row[17],
+        )
+
+    @staticmethod
+    def _vm_row(row: sqlite3.Row | tuple[Any, ...]) -> VirtualMachine:
+        return VirtualMachine(
+            seq=row[0], arn=row[1], hypervisor_id=row[2], region=row[3], uuid=row[4],
+            name=row[5], path=row[6], host_name=row[7], tags=json.loads(row[8]),
+            last_backup=row[9],
+        )
+
+    def _hypervisor_where(self, db: sqlite3.Connection, where: str, *args: Any
+                          ) -> Hypervisor | None:
+        row = db.execute(
+            f"SELECT {self._HYPERVISOR_COLUMNS} FROM hypervisors WHERE {where}", args
+        ).fetchone()
+        return self._hypervisor_row(row) if row else None
+
+    @staticmethod
+    def _host_taken(db: sqlite3.Connection, region: str, host: str, other_than: str = ""
+                    ) -> None:
+        row = db.execute(
+            "SELECT arn FROM hypervisors WHERE region=? AND lower(host)=lower(?) AND arn<>?",
+            (region, host, other_than),
+        ).fetchone()
+        if row:
+            raise StoreError("HostTaken", f"Host '{host}' is already imported as {row[0]}",
+                             row[0])
+
+    @staticmethod
+    def _bump_gateways_of(db: sqlite3.Connection, hypervisor_id: str) -> list[str]:
+        key_ids = [
+            str(r[0]) for r in db.execute(
+                "SELECT key_id FROM gateways WHERE hypervisor_id=? AND deleted_at IS NULL",
+                (hypervisor_id,),
+            )
+        ]
+        db.executemany("UPDATE identities SET version=version+1 WHERE key_id=?",
+                       [(k,) for k in key_ids])
+        return key_ids
+
+    def create_hypervisor(
+        self,
+        hypervisor_id: str,
+        arn: str,
+        region: str,
+        name: str,
+        host: str,
+        username: str | None,
+        password: bytes | None,
+        kms_key_arn: str | None,
+        tags: list[tuple[str, str]],
+        now: float,
+    ) -> Hypervisor:
+        """Record an imported hypervisor (PENDING until a gateway reports on it).
+
+        StoreError("HostTaken") when the region already holds a hypervisor of that host:
+        two records of one server would split its VMs between two ARNs.
+        """
+        with self._tx() as db:
+            self._host_taken(db, region, host)
+            db.execute(
+                "INSERT INTO hypervisors (hypervisor_id, arn, region, name, host, username,"
+                " password, kms_key_arn, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (hypervisor_id, arn, region, name, host, username, password, kms_key_arn, now),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (arn, key, value) VALUES (?, ?, ?)",
+                [(arn, k, v) for k, v in tags],
+            )
+            hypervisor = self._hypervisor_where(db, "arn=?", arn)
+            assert hypervisor is not None
+            return hypervisor
+
+    def hypervisor(self, arn: str) -> Hypervisor | None:
+        return self._hypervisor_where(self._db, "arn=?", arn)
+
+    def hypervisor_by_id(self, hypervisor_id: str) -> Hypervisor | None:
+        return self._hypervisor_where(self._db, "hypervisor_id=?", hypervisor_id)
+
+    def list_hypervisors(self, region: str, after_seq: int, limit: int) -> list[Hypervisor]:
+        rows = self._db.execute(
+            f"SELECT {self._HYPERVISOR_COLUMNS} FROM hypervisors WHERE region=? AND seq>?"
+            " ORDER BY seq LIMIT ?",
+            (region, after_seq, limit),
+        ).fetchall()
+        return [self._hypervisor_row(r) for r in rows]
+
+    def update_hypervisor(self, arn: str, **changes: Any) -> tuple[Hypervisor, list[str]] | None:
+        """Set columns of a hypervisor; a new host or new credentials ask its gateways to
+        sync again (PENDING, sync status CREATED). None when it does not exist."""
+        if not set(changes) <= self._HYPERVISOR_SETTABLE:
+            raise ValueError(f"cannot update {sorted(set(changes) - self._HYPERVISOR_SETTABLE)}")
+        with self._tx() as db:
+            current = self._hypervisor_where(db, "arn=?", arn)
+            if current is None:
+                return None
+            if "host" in changes:
+                self._host_taken(db, current.region, changes["host"], other_than=arn)
+            for column, value in changes.items():
+                db.execute(f"UPDATE hypervisors SET {column}=? WHERE arn=?", (value, arn))
+            key_ids: list[str] = []
+            if self._HYPERVISOR_RESYNC & set(changes):
+                db.execute(
+                    "UPDATE hypervisors SET sync_request=sync_request+1, state='PENDING',"
+                    " sync_status='CREATED', sync_message=NULL WHERE arn=?",
+                    (arn,),
+                )
+                key_ids = self._bump_gateways_of(db, current.hypervisor_id)
+            updated = self._hypervisor_where(db, "arn=?", arn)
+            assert updated is not None
+            return updated, key_ids
+
+    def gateways_of(self, hypervisor_id: str) -> list[Gateway]:
+        rows = self._db.execute(
+            _GATEWAY_SELECT + " WHERE g.hypervisor_id=? AND g.deleted_at IS NULL ORDER BY g.seq",
+            (hypervisor_id,),
+        ).fetchall()
+        return [_gateway(r) for r in rows]
+
+    def delete_hypervisor(self, arn: str) -> Hypervisor | None:
+        """Delete a hypervisor with its VMs and their tags; StoreError("InUse") while a
+        gateway is associated with it (its gateways would lose their settings silently)."""
+        with self._tx() as db:
+            current = self._hypervisor_where(db, "arn=?", arn)
+            if current is None:
+                return None
+            users = [
+                str(r[0]) for r in db.execute(
+                    "SELECT arn FROM gateways WHERE hypervisor_id=? AND deleted_at IS NULL"
+                    " ORDER BY seq", (current.hypervisor_id,),
+                )
+            ]
+            if users:
+                raise StoreError("InUse", ", ".join(users))
+            db.execute(
+                "DELETE FROM tags WHERE arn IN (SELECT arn FROM vms WHERE hypervisor_id=?)",
+                (current.hypervisor_id,),
+            )
+            db.execute("DELETE FROM vms WHERE hypervisor_id=?", (current.hypervisor_id,))
+            db.execute("DELETE FROM tags WHERE arn=?", (arn,))
+            db.execute("DELETE FROM hypervisors WHERE arn=?", (arn,))
+            return current
+
+    def associate(self, gateway_arn: str, hypervisor_id: str) -> list[str]:
+        """Associate a live gateway with a hypervisor and ask for a sync (syncRequest + 1).
+
+        StoreError("Associated") when the gateway is associated with another hypervisor;
+        associating it again with its own is a new sync request. Returns the polls to wake.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT hypervisor_id FROM gateways WHERE arn=? AND deleted_at IS NULL",
+                (gateway_arn,),
+            ).fetchone()
+            if row is None:
+                raise StoreError("NoGateway", f"Gateway {gateway_arn} was not found")
+            if db.execute("SELECT 1 FROM hypervisors WHERE hypervisor_id=?",
+                          (hypervisor_id,)).fetchone() is None:
+                raise StoreError("NoHypervisor", f"hypervisor {hypervisor_id} was not found")
+            if row[0] is not None and row[0] != hypervisor_id:
+                other = db.execute("SELECT arn FROM hypervisors WHERE hypervisor_id=?",
+                                   (row[0],)).fetchone()
+                raise StoreError("Associated", str(other[0]) if other else row[0])
+            db.execute("UPDATE gateways SET hypervisor_id=? WHERE arn=?",
+                       (hypervisor_id, gateway_arn))
+            db.execute(
+                "UPDATE hypervisors SET sync_request=sync_request+1, sync_status='CREATED',"
+                " sync_message=NULL WHERE hypervisor_id=?",
+                (hypervisor_id,),
+            )
+            return self._bump_gateways_of(db, hypervisor_id)
+
+    def disassociate(self, gateway_arn: str) -> str | None:
+        """Clear a live gateway's hypervisor; returns the hypervisor id it had (None: it
+        had none) and bumps the gateway's version so its poll drops the settings."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT hypervisor_id, key_id FROM gateways WHERE arn=? AND deleted_at IS NULL",
+                (gateway_arn,),
+            ).fetchone()
+            if row is None or row[0] is None:
+                return None
+            db.execute("UPDATE gateways SET hypervisor_id=NULL WHERE arn=?", (gateway_arn,))
+            db.execute("UPDATE identities SET version=version+1 WHERE key_id=?", (row[1],))
+            return str(row[0])
+
+    def request_sync(self, arn: str) -> tuple[Hypervisor, list[str]] | None:
+        """StartVirtualMachinesMetadataSync: syncRequest + 1, seen by every associated
+        gateway's poll."""
+        with self._tx() as db:
+            current = self._hypervisor_where(db, "arn=?", arn)
+            if current is None:
+                return None
+            db.execute(
+                "UPDATE hypervisors SET sync_request=sync_request+1, sync_status='CREATED',"
+                " sync_message=NULL WHERE arn=?",
+                (arn,),
+            )
+            key_ids = self._bump_gateways_of(db, current.hypervisor_id)
+            updated = self._hypervisor_where(db, "arn=?", arn)
+            assert updated is not None
+            return updated, key_ids
+
+    def put_mappings(self, arn: str, mappings: list[dict[str, str]], iam_role_arn: str) -> bool:
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE hypervisors SET mappings=?, iam_role_arn=? WHERE arn=?",
+                (json.dumps(mappings), iam_role_arn, arn),
+            ).rowcount == 1
+
+    def set_hypervisor_state(self, hypervisor_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE hypervisors SET state=? WHERE hypervisor_id=?",
+                       (state, hypervisor_id))
+
+    def record_inventory(
+        self,
+        hypervisor_id: str,
+        vms: list[ReportedVm] | None,
+        vm_arn: Callable[[str], str],
+        state: str,
+        sync_status: str,
+        message: str | None,
+        now: float,
+    ) -> SyncOutcome:
+        """Record a sync's outcome; with `vms` (a successful sync) they replace the
+        hypervisor's list: a VM keeps its row, ARN and tags while reported, one no longer
+        reported goes with its tags. One transaction, so a reader sees the old list or the
+        new one, never half of each."""
+        with self._tx() as db:
+            region_row = db.execute("SELECT region FROM hypervisors WHERE hypervisor_id=?",
+                                    (hypervisor_id,)).fetchone()
+            if region_row is None:
+                return SyncOutcome(0, 0, 0)
+            added = removed = 0
+            if vms is not None:
+                before = {
+                    str(r[0]) for r in db.execute(
+                        "SELECT arn FROM vms WHERE hypervisor_id=?", (hypervisor_id,)
+                    )
+                }
+                reported = set()
+                for vm in vms:
+                    arn = vm_arn(vm.uuid)
+                    reported.add(arn)
+                    db.execute(
+                        "INSERT INTO vms (arn, hypervisor_id, region, uuid, name, path,"
+                        " host_name, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(arn)"
+                        " DO UPDATE SET name=excluded.name, path=excluded.path,"
+                        " host_name=excluded.host_name, tags=excluded.tags",
+                        (arn, hypervisor_id, region_row[0], vm.uuid, vm.name, vm.path,
+                         vm.host_name, json.dumps(vm.tags)),
+                    )
+                gone = sorted(before - reported)
+                db.executemany("DELETE FROM tags WHERE arn=?", [(a,) for a in gone])
+                db.executemany("DELETE FROM vms WHERE arn=?", [(a,) for a in gone])
+                added, removed = len(reported - before), len(gone)
+            db.execute(
+                "UPDATE hypervisors SET state=?, sync_status=?, sync_message=?,"
+                " last_sync=CASE WHEN ? THEN ? ELSE last_sync END WHERE hypervisor_id=?",
+                (state, sync_status, message, vms is not None, now, hypervisor_id),
+            )
+            kept = int(db.execute("SELECT COUNT(*) FROM vms WHERE hypervisor_id=?",
+                                  (hypervisor_id,)).fetchone()[0])
+            return SyncOutcome(kept, added, removed)
+
+    def vm(self, arn: str) -> VirtualMachine | None:
+        row = self._db.execute(
+            f"SELECT {self._VM_COLUMNS} FROM vms WHERE arn=?", (arn,)
+        ).fetchone()
+        return self._vm_row(row) if row else None
+
+    def list_vms(self, region: str, hypervisor_id: str | None, after_seq: int, limit: int
+                 ) -> list[VirtualMachine]:
+        if hypervisor_id is None:
+            rows = self._db.execute(
+                f"SELECT {self._VM_COLUMNS} FROM vms WHERE region=? AND seq>? ORDER BY seq"
+                " LIMIT ?", (region, after_seq, limit),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {self._VM_COLUMNS} FROM vms WHERE hypervisor_id=? AND region=?"
+                " AND seq>? ORDER BY seq LIMIT ?", (hypervisor_id, region, after_seq, limit),
+            ).fetchall()
+        return [self._vm_row(r) for r in rows]
+
+    def set_seal_key(self, key_id: str, seal_key: bytes) -> bool:
+        """Keep the newest sealing key of an identity; True (and version + 1, so the
+        passwords held back for want of a key go out at once) when it changed."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE identities SET seal_key=?, version=version+1 WHERE key_id=? AND"
+                " (seal_key IS NULL OR seal_key<>?)",
+                (seal_key, key_id, seal_key),
+            ).rowcount == 1
+
+    def bump_version(self, key_id: str) -> None:
+        """Something only the poll carries changed (a test to run): wake its gateway."""
+        with self._tx() as db:
+            db.execute("UPDATE identities SET version=version+1 WHERE key_id=?", (key_id,))
 
     # -- the link -----------------------------------------------------------------------
 

@@ -60,7 +60,9 @@ def check(value: Any, shape_name: str, path: str, problems: list[str]) -> None:
     """Append a message for each constraint `value` breaks; `path` names the member."""
     shape = SHAPES[shape_name]
     kind = shape["type"]
-    fail = f"Value '{_show(value)}' at '{path}' failed to satisfy constraint: Member must"
+    # A sensitive member (a password) is never echoed back, not even when it is wrong.
+    shown = "" if shape.get("sensitive") else f" '{_show(value)}'"
+    fail = f"Value{shown} at '{path}' failed to satisfy constraint: Member must"
     if kind == "string":
         if not isinstance(value, str):
             problems.append(f"Value at '{path}' must be a string")

@@ -6,6 +6,7 @@ gateway-link client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -20,14 +21,18 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.identity import Identity
 from controlplane.pollhub import PollHub
 from controlplane.server import ControlPlane
-from gatewaycore import linkproto
+from gatewaycore import linkproto, sealed
 
 AWS = str(Path(sys.executable).parent / "aws")
 REGION = "us-west-2"
+# How long TestHypervisorConfiguration waits for a gateway here (25 s in service): no
+# gateway answers the fuzzers' calls, and a test that plays the gateway raises it.
+HYPERVISOR_TEST_TIMEOUT = 0.05
 
 
 class FakeClock:
@@ -155,6 +160,16 @@ class LinkClient:
         self.port = port
         self.identity = identity
         self.last_headers: dict[str, str] = {}
+        # The gateway's X25519 sealing key: passwords come sealed to its public half.
+        self.seal_private = X25519PrivateKey.generate()
+
+    @property
+    def seal_key(self) -> str:
+        return sealed.encode_key(sealed.public_raw(self.seal_private))
+
+    def unseal(self, box: dict[str, Any]) -> str:
+        """Open a password the control plane sealed to this gateway."""
+        return sealed.unseal(self.seal_private, box).decode()
 
     def send(self, method: str, path: str, body: bytes,
              headers: dict[str, str] | None = None, timeout: float = 60) -> LinkResponse:
@@ -188,9 +203,32 @@ class LinkClient:
         assert resp.status == 200, resp.body
         return str(resp.body["activationKey"])
 
-    def poll(self, after: int = 0, wait: float = 0, version: str = "0.1.0") -> LinkResponse:
-        body = json.dumps({"after": after, "softwareVersion": version, "wait": wait}).encode()
-        return self.send("POST", "/gateway/poll", body)
+    def poll(self, after: int = 0, wait: float = 0, version: str = "0.1.0",
+             seal: bool = False) -> LinkResponse:
+        """A poll; with `seal` it carries the sealing key, as the appliance's do."""
+        fields: dict[str, Any] = {"after": after, "softwareVersion": version, "wait": wait}
+        if seal:
+            fields["sealKey"] = self.seal_key
+        return self.send("POST", "/gateway/poll", json.dumps(fields).encode())
+
+    def post(self, path: str, fields: dict[str, Any]) -> LinkResponse:
+        return self.send("POST", path, json.dumps(fields).encode())
+
+    def test_result(self, test_id: str, ok: bool, error_code: str | None = None,
+                    message: str | None = None) -> LinkResponse:
+        """`POST /gateway/hypervisor/test-result`: what the gateway found."""
+        return self.post("/gateway/hypervisor/test-result", {
+            "testId": test_id, "ok": ok, "errorCode": error_code, "message": message,
+        })
+
+    def inventory(self, hypervisor_arn: str, sync_request: int, vms: list[dict[str, Any]],
+                  ok: bool = True, error_code: str | None = None,
+                  message: str | None = None) -> LinkResponse:
+        """`POST /gateway/hypervisor/inventory`: the hypervisor's VMs as the gateway saw them."""
+        return self.post("/gateway/hypervisor/inventory", {
+            "hypervisorArn": hypervisor_arn, "syncRequest": sync_request, "ok": ok,
+            "errorCode": error_code, "message": message, "vms": vms,
+        })
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -198,17 +236,20 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_forever()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """A control plane on 127.0.0.1:<free port>, its loop in a thread, with a fake clock."""
-    clock = FakeClock()
-    plane = ControlPlane(tmp_path / "state", clock=clock, hub=ObservedPollHub())
+@contextlib.contextmanager
+def running_server(state_dir: Path, home: Path, clock: FakeClock | None = None,
+                   hypervisor_test_timeout: float = HYPERVISOR_TEST_TIMEOUT,
+                   ) -> Iterator[Server]:
+    """A control plane over `state_dir` on 127.0.0.1:<free port>, its loop in a thread;
+    stopped (state closed) on exit, so a second one over the same dir is a restart."""
+    clock = clock or FakeClock()
+    plane = ControlPlane(state_dir, clock=clock, hub=ObservedPollHub(),
+                         hypervisor_test_timeout=hypervisor_test_timeout)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()
     host, port = asyncio.run_coroutine_threadsafe(plane.start("127.0.0.1", 0), loop).result(10)
-    home = tmp_path / "home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     srv = Server(plane, clock, host, port, home, loop)
     srv.env = aws_env(plane.access_key_id, plane.secret_access_key, home)
     try:
@@ -218,3 +259,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A control plane on 127.0.0.1:<free port>, its loop in a thread, with a fake clock."""
+    with running_server(tmp_path / "state", tmp_path / "home") as srv:
+        yield srv

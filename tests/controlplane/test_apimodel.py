@@ -15,7 +15,7 @@ from controlplane import apimodel
 from controlplane.errors import ApiError
 from controlplane.validation import compile_pattern, validate_input
 
-CHECKED_KEYS = ("type", "min", "max", "pattern", "enum")
+CHECKED_KEYS = ("type", "min", "max", "pattern", "enum", "sensitive")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,29 @@ def test_operation_matches_model(model: dict[str, Any], op: str) -> None:
     theirs = model["operations"][op]
     assert theirs["input"]["shape"] == input_shape
     assert sorted(errors) == sorted(e["shape"] for e in theirs.get("errors", []))
+
+
+def test_every_operation_of_the_model_is_served(model: dict[str, Any]) -> None:
+    """All 25 operations, the hypervisor and VM ones included: none is left out."""
+    assert sorted(apimodel.OPERATIONS) == sorted(model["operations"])
+
+
+def test_hypervisor_patterns_compile_and_match() -> None:
+    """The new shapes' patterns (anchored alternations, bracketed ranges) as Python reads
+    them: the values the model's own examples use pass, the near misses do not."""
+    username = compile_pattern(apimodel.SHAPES["Username"]["pattern"])
+    assert username.fullmatch("administrator@vsphere.local")
+    assert not username.fullmatch("   ") and not username.fullmatch("dom\\user")
+    kms = compile_pattern(apimodel.SHAPES["KmsKeyArn"]["pattern"])
+    assert kms.fullmatch("arn:aws:kms:us-west-2:123456789012:key/1234abcd-12ab-34cd-56ef-12345")
+    assert not kms.fullmatch("arn:aws:s3:::bucket-name-that-is-long-enough-to-pass-min")
+    log_group = compile_pattern(apimodel.SHAPES["LogGroupArn"]["pattern"])
+    assert log_group.fullmatch("")
+    assert log_group.fullmatch("arn:aws:logs:us-west-2:123456789012:log-group:/bgw/x:*")
+    role = compile_pattern(apimodel.SHAPES["IamRoleArn"]["pattern"])
+    assert role.fullmatch("arn:aws:iam::123456789012:role/tagger")
+    password = compile_pattern(apimodel.SHAPES["Password"]["pattern"])
+    assert password.fullmatch("s3cret! ~") and not password.fullmatch("tab\there")
 
 
 def test_every_referenced_shape_is_in_the_table() -> None:

@@ -369,7 +369,9 @@ def wild(rng: random.Random, depth: int = 0) -> Any:
 
 
 _SAMPLES = {"ActivationKey": "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY", "Name": "gw-1",
-            "TagKey": "env", "TagValue": "prod", "NextToken": _token("v1|us-west-2|0")}
+            "TagKey": "env", "TagValue": "prod", "NextToken": _token("v1|us-west-2|0"),
+            "Host": "esx1.example.com", "Username": "root", "Password": "pw-1 secret",
+            "VmwareCategory": "Tier", "VmwareTagName": "Gold"}
 
 
 def valid(rng: random.Random, shape_name: str, arn: str) -> Any:
