@@ -7,8 +7,9 @@ VENV_STAMP := $(VENV)/.installed
 BUILD := build
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/version.py)
 OVA := $(BUILD)/backup-gateway-$(VERSION).ova
+VCSIM := $(BUILD)/vcsim/vcsim
 
-.PHONY: help deps venv test test-fast bench lint ova run controlplane clean
+.PHONY: help deps venv vcsim test test-fast bench lint ova run controlplane clean
 
 help:
 	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
@@ -23,7 +24,8 @@ help:
 deps:
 	@tools/install-deps.sh
 
-$(VENV_STAMP): requirements.lock pyproject.toml
+# deps first: libvirt-python in the lock compiles against libvirt-dev
+$(VENV_STAMP): requirements.lock pyproject.toml | deps
 	@command -v $(PYTHON) >/dev/null || tools/install-deps.sh
 	$(PYTHON) -m venv $(VENV) || { tools/install-deps.sh && $(PYTHON) -m venv $(VENV); }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
@@ -35,10 +37,17 @@ venv: $(VENV_STAMP)
 lint: venv
 	$(VENV)/bin/ruff check gatewaycore appliance controlplane tests tools
 
-test-fast: venv
+# The vSphere simulator for tests/hypervisors, built offline from Debian's govmomi sources;
+# rebuilt only when missing or when its main.go or build script changes.
+vcsim: $(VCSIM)
+
+$(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
+	tools/vcsim/build.sh $@
+
+test-fast: venv vcsim
 	$(PY) -m pytest -m "not vm" -q
 
-test: deps venv lint ova
+test: deps venv lint vcsim ova
 	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -q
 
 bench: venv

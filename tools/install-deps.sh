@@ -2,7 +2,12 @@
 # Install the Debian packages the build, the VM boot and the tests need; a no-op when present.
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc make qemu-system-x86 qemu-utils ovmf packer mmdebstrap
-      mtools dosfstools e2fsprogs fdisk openssh-client curl)
+      mtools dosfstools e2fsprogs fdisk openssh-client curl
+      # the hypervisor connector tests (tests/hypervisors): a private libvirtd with SASL over
+      # TCP, libvirt-python compiled into the virtualenv, and the vSphere simulator built
+      # offline from Debian's Go sources (tools/vcsim/build.sh)
+      libvirt-daemon-system libvirt-dev pkg-config sasl2-bin libsasl2-modules
+      golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

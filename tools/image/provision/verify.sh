@@ -3,7 +3,7 @@
 set -euo pipefail
 fail() { echo "VERIFY FAILED: $*" >&2; exit 1; }
 
-python3 -c 'import appliance, aiohttp, prompt_toolkit, netifaces, cryptography, psutil, ntplib' \
+python3 -c 'import appliance, gatewaycore, aiohttp, prompt_toolkit, netifaces, cryptography, psutil, ntplib, libvirt, pyVmomi' \
     || fail "the appliance or one of its Debian packages does not import"
 
 echo "--- systemd-analyze security appliance.service"
