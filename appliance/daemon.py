@@ -6,6 +6,7 @@ Each part has one job, in a module named for it:
 - `keyissuer`: activation keys, for port 80 and the local API alike;
 - `uploads`: the local API's uploads, forwarded through the one shaper;
 - `linkloop`: the long-poll of the control plane, folded into the state;
+- `hypervisoragent`: hypervisor tests and inventory syncs the control plane asks for;
 - `statusview`: what the local API shows;
 - `listeners`: the port-80 sockets serving the activation page;
 - `clockwatch`: a step of the wall clock, so the shaper re-reads it;
@@ -25,11 +26,12 @@ import signal
 from typing import Any
 
 from appliance import identity as identity_mod
-from appliance import localapi
+from appliance import localapi, sealkey
 from appliance.activation import ActivationServer
 from appliance.clockwatch import ClockWatch
 from appliance.config import Settings
 from appliance.gatewaystate import GatewayState
+from appliance.hypervisoragent import HypervisorAgent
 from appliance.keyissuer import KeyIssuer
 from appliance.link import LinkClient
 from appliance.linkloop import LinkLoop
@@ -62,6 +64,7 @@ class Daemon:
         views: StatusView,
         listeners: Listeners,
         clock: ClockWatch,
+        hypervisors: HypervisorAgent,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -74,6 +77,7 @@ class Daemon:
         self.views = views
         self.listeners = listeners
         self.clock = clock
+        self.hypervisors = hypervisors
         self._stop = asyncio.Event()
 
     @classmethod
@@ -94,13 +98,20 @@ class Daemon:
             raise StartupError(str(exc)) from None
         if created:
             log.info("event=identity_created key_id=%s", identity.key_id)
+        try:
+            seal, seal_created = sealkey.load_or_create(state_dir)
+        except sealkey.SealKeyError as exc:
+            raise StartupError(str(exc)) from None
+        if seal_created:
+            log.info("event=seal_key_created seal_key=%s", seal.public_b64)
         store = StateStore(state_dir)
         store.load()  # StateError propagates
         shaper = ScheduledShaper()
         gateway = GatewayState(store, shaper)
         url = settings.control_plane_url
-        link = LinkClient(url, identity)
-        link_loop = LinkLoop(link, gateway, settings.link_retry_max)
+        link = LinkClient(url, identity, seal.public_b64)
+        hypervisors = HypervisorAgent(gateway, link, seal)
+        link_loop = LinkLoop(link, gateway, settings.link_retry_max, hypervisors.offer)
         keys = KeyIssuer(link, gateway, wake_poll=link_loop.wake)
         return cls(
             settings=settings,
@@ -111,9 +122,11 @@ class Daemon:
             link_loop=link_loop,
             keys=keys,
             uploads=Uploads(url, identity, gateway, shaper, wake_poll=link_loop.wake),
-            views=StatusView(identity, link, gateway, shaper, url),
+            views=StatusView(identity, link, gateway, shaper, url,
+                             syncing=lambda: hypervisors.syncing),
             listeners=Listeners(settings.listen, ActivationServer(keys.issue)),
             clock=ClockWatch(lambda _step: gateway.resync_clock("watcher")),
+            hypervisors=hypervisors,
         )
 
     def local_api(self) -> localapi.Backend:
@@ -127,6 +140,7 @@ class Daemon:
             upload=self.uploads.upload,
             default_region=self.views.default_region,
             clock_stepped=self.clock_stepped,
+            test_hypervisor=self.hypervisors.test_now,
             control_plane_host=self.settings.control_plane_host,
             control_plane_port=self.settings.control_plane_port,
         )
@@ -156,6 +170,7 @@ class Daemon:
             parts.push_async_callback(runner.cleanup)
             tasks.append(asyncio.create_task(self.link_loop.run(), name="poll"))
             tasks.append(asyncio.create_task(self.clock.run(), name="clockwatch"))
+            tasks.append(asyncio.create_task(self.hypervisors.run(), name="hypervisors"))
             parts.push_async_callback(self._cancel, tasks)
 
             loop = asyncio.get_running_loop()
@@ -182,4 +197,5 @@ class Daemon:
         for task in tasks:
             task.cancel()
         self.uploads.cancel()
+        await self.hypervisors.close()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from appliance.shaping import ScheduledShaper
-from appliance.state import State, StateStore
+from appliance.state import NO_HYPERVISOR, State, StateStore
 from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class GatewayState:
         return True
 
     def forget(self, arn: str | None) -> None:
-        """The gateway was deleted: forget its activation and its schedule, for good.
+        """The gateway was deleted: forget its activation, schedule and hypervisor, for good.
 
         Shared by the key issuer (the control plane refused a key: GatewayDeleted) and the
         link loop (a poll said `deleted`), so both leave the same state behind.
@@ -60,7 +60,7 @@ class GatewayState:
             return
         self.save(
             deleted=True, activated=False, deleted_gateway_arn=arn or self.state.gateway_arn,
-            gateway_arn=None, gateway_name=None, region=None, schedule=[],
+            gateway_arn=None, gateway_name=None, region=None, schedule=[], **NO_HYPERVISOR,
         )
         self.apply_schedule([])
         log.info("event=gateway_deleted gateway_arn=%s", arn)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -22,6 +22,7 @@ from appliance.version import __version__
 from gatewaycore import linkproto, utctime
 
 KEY_REQUEST_TIMEOUT = 10.0
+REPORT_TIMEOUT = 30.0  # a hypervisor test result or inventory
 POLL_WAIT = 20  # seconds the control plane may hold a poll; also the heartbeat period
 
 
@@ -54,6 +55,75 @@ class IssuedKey:
     expires_at: str | None
 
 
+def _sealed_or_none(value: Any) -> dict[str, Any] | None:
+    """A sealed box (kept unopened) or null; TypeError for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError
+    return dict(value)
+
+
+def _text(value: Any, optional: bool = False) -> Any:
+    if (value is None and optional) or (isinstance(value, str) and value):
+        return value
+    raise TypeError
+
+
+@dataclass(frozen=True)
+class HypervisorOrder:
+    """The poll answer's `hypervisor`: the hypervisor this gateway is associated with.
+
+    `password` is the sealed box as received: it is opened only in memory, right before a
+    connection (appliance/hypervisoragent.py).
+    """
+
+    hypervisor_arn: str
+    host: str
+    username: str | None
+    password: dict[str, Any] | None = field(repr=False)
+    password_pending: bool
+    sync_request: int
+
+    @classmethod
+    def from_json(cls, doc: Any) -> HypervisorOrder:
+        if not isinstance(doc, dict):
+            raise TypeError
+        sync = doc.get("syncRequest") or 0
+        if type(sync) is not int or sync < 0:
+            raise TypeError
+        return cls(
+            _text(doc.get("hypervisorArn")), _text(doc.get("host")),
+            _text(doc.get("username"), optional=True), _sealed_or_none(doc.get("password")),
+            doc.get("passwordPending") is True, sync,
+        )
+
+
+@dataclass(frozen=True)
+class TestRequest:
+    """One TestHypervisorConfiguration waiting for this gateway (the poll answer's `tests`)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    test_id: str
+    host: str
+    username: str | None
+    password: dict[str, Any] | None = field(repr=False)
+    password_pending: bool = False
+
+    @classmethod
+    def from_json(cls, doc: Any) -> TestRequest:
+        if not isinstance(doc, dict):
+            raise TypeError
+        return cls(
+            _text(doc.get("testId")), _text(doc.get("host")),
+            _text(doc.get("username"), optional=True), _sealed_or_none(doc.get("password")),
+            doc.get("passwordPending") is True,
+        )
+
+
 @dataclass(frozen=True)
 class PollAnswer:
     version: int
@@ -63,6 +133,8 @@ class PollAnswer:
     region: str | None
     intervals: list[dict[str, Any]]
     software_update_request: int
+    hypervisor: HypervisorOrder | None = None
+    tests: tuple[TestRequest, ...] = ()
 
     @classmethod
     def from_json(cls, doc: Any) -> PollAnswer:
@@ -81,9 +153,17 @@ class PollAnswer:
             texts = [doc.get(k) for k in ("gatewayArn", "gatewayName", "region")]
             if not all(t is None or isinstance(t, str) for t in texts):
                 raise TypeError
+            hv = doc.get("hypervisor")
+            hypervisor = None if hv is None else HypervisorOrder.from_json(hv)
+            tests = doc.get("tests")
+            tests = [] if tests is None else tests
+            if not isinstance(tests, list):
+                raise TypeError
+            requests = tuple(TestRequest.from_json(t) for t in tests)
         except (KeyError, TypeError):
             raise LinkError("poll answer does not follow docs/link-protocol.md") from None
-        return cls(version, state, texts[0], texts[1], texts[2], intervals, update)
+        return cls(version, state, texts[0], texts[1], texts[2], intervals, update,
+                   hypervisor, requests)
 
 
 def now_iso() -> str:
@@ -92,9 +172,11 @@ def now_iso() -> str:
 
 
 class LinkClient:
-    def __init__(self, base_url: str, identity: Identity) -> None:
+    def __init__(self, base_url: str, identity: Identity, seal_key: str | None = None) -> None:
+        """`seal_key`: the gateway's X25519 public key (base64), sent in every poll."""
         self.base_url = base_url.rstrip("/")
         self.identity = identity
+        self.seal_key = seal_key
         self._session: aiohttp.ClientSession | None = None
         self.reachable = False
         self.last_contact: str | None = None
@@ -182,12 +264,34 @@ class LinkClient:
         return IssuedKey(key, str(doc.get("region") or region), expires if expires else None)
 
     async def poll(self, after: int, wait: int = POLL_WAIT) -> PollAnswer:
-        doc = await self._post(
-            "/gateway/poll",
-            {"after": after, "softwareVersion": __version__, "wait": wait},
-            wait + 15,
-        )
+        body: dict[str, Any] = {"after": after, "softwareVersion": __version__, "wait": wait}
+        if self.seal_key is not None:
+            body["sealKey"] = self.seal_key
+        doc = await self._post("/gateway/poll", body, wait + 15)
         return PollAnswer.from_json(doc)
+
+    async def report_test(self, test_id: str, ok: bool, error_code: str | None,
+                          message: str | None) -> None:
+        """`POST /gateway/hypervisor/test-result`; Refused `UnknownTest` once it expired."""
+        await self._post(
+            "/gateway/hypervisor/test-result",
+            {"testId": test_id, "ok": ok, "errorCode": error_code, "message": message},
+            REPORT_TIMEOUT,
+        )
+
+    async def report_inventory(
+        self, hypervisor_arn: str, sync_request: int, ok: bool, error_code: str | None,
+        message: str | None, vms: list[dict[str, Any]],
+    ) -> int | None:
+        """`POST /gateway/hypervisor/inventory`: the VMs the control plane kept (its count)."""
+        doc = await self._post(
+            "/gateway/hypervisor/inventory",
+            {"hypervisorArn": hypervisor_arn, "syncRequest": sync_request, "ok": ok,
+             "errorCode": error_code, "message": message, "vms": vms},
+            REPORT_TIMEOUT,
+        )
+        kept = doc.get("vms") if isinstance(doc, dict) else None
+        return kept if type(kept) is int else None
 
 
 class Backoff:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from appliance.gatewaystate import GatewayState
 from appliance.link import (
     POLL_WAIT,
     Backoff,
+    HypervisorOrder,
     LinkClient,
     LinkError,
     PollAnswer,
     Refused,
+    TestRequest,
     now_iso,
     sleep_or_wake,
 )
@@ -32,13 +35,24 @@ def _lapsed(exc: LinkError) -> bool:
     return isinstance(exc, Refused) and exc.code == "UnknownGateway"
 
 
+HypervisorSink = Callable[[HypervisorOrder | None, Sequence[TestRequest]], None]
+
+
 class LinkLoop:
     """Polls through `link`; every change it learns goes through `gateway` (the one writer)."""
 
-    def __init__(self, link: LinkClient, gateway: GatewayState, retry_max: float) -> None:
+    def __init__(
+        self,
+        link: LinkClient,
+        gateway: GatewayState,
+        retry_max: float,
+        hypervisors: HypervisorSink | None = None,
+    ) -> None:
+        """`hypervisors` is handed each answer's hypervisor part (the hypervisor agent)."""
         self._link = link
         self._gateway = gateway
         self._retry_max = retry_max
+        self._hypervisors = hypervisors
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -82,6 +96,8 @@ class LinkLoop:
             self._wake.clear()
             try:
                 self.apply_poll(answer)
+                if self._hypervisors is not None and answer.state != "deleted":
+                    self._hypervisors(answer.hypervisor, answer.tests)
             except OSError as exc:  # e.g. a full disk: keep the old state, retry the poll
                 delay = backoff.next_delay()
                 log.error("event=state_write_failed delay=%.1f reason=%s", delay, str(exc))

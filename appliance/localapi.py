@@ -26,6 +26,7 @@ from appliance.activation import (
     ParamError,
     parse_params,
 )
+from appliance.localerror import LocalError
 from appliance.startup import StartupError
 from appliance.upload import UploadResult
 from appliance.uploads import UploadRefused
@@ -69,6 +70,8 @@ class Backend:
     clock_stepped: View  # POST /v1/clock-stepped: re-read the wall clock, the new shaping
     control_plane_host: str  # what a connectivity test probes
     control_plane_port: int
+    # POST /v1/hypervisor/test: the outcome, or LocalError (409 NotAssociated)
+    test_hypervisor: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 @web.middleware
@@ -171,6 +174,15 @@ def make_app(backend: Backend) -> web.Application:
         # No body to read: the call only says "the wall clock was just stepped".
         return web.json_response(backend.clock_stepped())
 
+    async def hypervisor_test(_: web.Request) -> web.Response:
+        # No body: the stored settings of the associated hypervisor are tested.
+        if backend.test_hypervisor is None:
+            return error(409, "NotAssociated", "this daemon does not manage hypervisors")
+        try:
+            return web.json_response(await backend.test_hypervisor())
+        except LocalError as exc:
+            return error(exc.status, exc.code, exc.message, exc.field)
+
     def refused(name: str, exc: UploadRefused) -> web.Response:
         log.warning("event=upload_refused name=%s status=%d error=%s", name[:200], exc.status,
                     exc.code)
@@ -243,6 +255,7 @@ def make_app(backend: Backend) -> web.Application:
     route(app, "/v1/connectivity-test", {"POST": connectivity})
     route(app, "/v1/uploads/{name}", {"PUT": upload}, upload_expect)
     route(app, "/v1/clock-stepped", {"POST": clock_stepped})
+    route(app, "/v1/hypervisor/test", {"POST": hypervisor_test})
 
     async def unknown(request: web.Request) -> web.Response:
         raise web.HTTPNotFound()

@@ -105,3 +105,10 @@ class LocalApi:
     def clock_stepped(self) -> dict[str, Any]:
         """Tell the daemon the wall clock was just stepped, so its shaper re-reads it now."""
         return self._call("POST", "/v1/clock-stepped", timeout=5.0)
+
+    def test_hypervisor(self) -> dict[str, Any]:
+        """Test the associated hypervisor now: `{"ok", "errorCode", "message", ...}`.
+
+        The daemon's connector gives up after 20 s per step; the timeout leaves room for it.
+        """
+        return self._call("POST", "/v1/hypervisor/test", timeout=90.0)

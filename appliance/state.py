@@ -21,6 +21,15 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
 
+# The changes that forget an association (a disassociation, or the gateway deleted).
+NO_HYPERVISOR: dict[str, Any] = {
+    "hypervisor_arn": None, "hypervisor_host": None, "hypervisor_username": None,
+    "hypervisor_password": None, "hypervisor_password_pending": False,
+    "hypervisor_sync_request": 0, "hypervisor_synced_request": 0,
+    "hypervisor_last_test": None, "hypervisor_last_sync": None,
+}
+
+
 class StateError(Exception):
     """The state file exists but cannot be used; the message names the file."""
 
@@ -38,6 +47,18 @@ class State:
     software_update_request: int = 0
     software_update_requested_at: str | None = None
     schedule: list[dict[str, Any]] = field(default_factory=list)
+    # The associated hypervisor (appliance/hypervisoragent.py). The password stays the sealed
+    # box received from the control plane: only the sealing key beside this file opens it.
+    hypervisor_arn: str | None = None
+    hypervisor_host: str | None = None
+    hypervisor_username: str | None = None
+    hypervisor_password: dict[str, Any] | None = None  # sealed box, never the clear text
+    hypervisor_password_pending: bool = False
+    hypervisor_sync_request: int = 0  # the newest syncRequest seen
+    hypervisor_synced_request: int = 0  # the newest syncRequest reported (the rest is owed)
+    # {"ok", "errorCode", "message", "at"} (+ "vms" for a sync): shown by the status view
+    hypervisor_last_test: dict[str, Any] | None = None
+    hypervisor_last_sync: dict[str, Any] | None = None
 
     def with_changes(self, **changes: Any) -> State:
         return replace(self, **changes)
@@ -63,6 +84,7 @@ class State:
                 "int": (int,),
                 "str | None": (str, type(None)),
                 "list[dict[str, Any]]": (list,),
+                "dict[str, Any] | None": (dict, type(None)),
             }[str(f.type)]
             if not isinstance(value, expected) or (
                 int in expected and isinstance(value, bool)

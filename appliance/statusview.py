@@ -6,6 +6,7 @@ waiting for (or racing with) the link loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from appliance.gatewaystate import GatewayState
@@ -27,12 +28,14 @@ class StatusView:
         gateway: GatewayState,
         shaper: ScheduledShaper,
         control_plane_url: str,
+        syncing: Callable[[], bool] = lambda: False,
     ) -> None:
         self._identity = identity
         self._link = link
         self._gateway = gateway
         self._shaper = shaper
         self._url = control_plane_url
+        self._syncing = syncing
 
     def status(self) -> dict[str, Any]:
         st = self._gateway.state
@@ -59,6 +62,25 @@ class StatusView:
                 "lastError": link.last_error,
             },
             "shaping": self._shaper.status(),
+            "hypervisor": self.hypervisor(),
+        }
+
+    def hypervisor(self) -> dict[str, Any] | None:
+        """The associated hypervisor and its last test and sync; never its password."""
+        st = self._gateway.state
+        if st.hypervisor_arn is None:
+            return None
+        last_sync = st.hypervisor_last_sync
+        vms = last_sync.get("vms") if last_sync else None
+        return {
+            "hypervisorArn": st.hypervisor_arn,
+            "host": st.hypervisor_host,
+            "username": st.hypervisor_username,
+            "passwordPending": st.hypervisor_password is None and st.hypervisor_password_pending,
+            "syncing": self._syncing(),
+            "lastTest": _outcome(st.hypervisor_last_test),
+            "lastSync": _outcome(last_sync),
+            "vmCount": vms if type(vms) is int else None,
         }
 
     def shaping(self) -> dict[str, Any]:
@@ -78,3 +100,10 @@ class StatusView:
     def default_region(self) -> str:
         """The activated region, else the default one (us-east-1)."""
         return self._gateway.state.region or regions.default_region()
+
+
+def _outcome(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored outcome as shown: only the documented fields (the file may be older)."""
+    if not record:
+        return None
+    return {k: record.get(k) for k in ("ok", "errorCode", "message", "at")}

@@ -21,6 +21,7 @@ from appliance.console import (
     activation,
     bandwidth,
     connectivity,
+    hypervisor,
     network,
     resourcecheck,
     shell,
@@ -92,6 +93,8 @@ def header_lines(ctx: Context) -> list[str]:
         lines.append("Not activated")
     if status is not None:
         lines.append(bandwidth.header_line(status.get("shaping")))
+        if status.get("activated"):
+            lines.append(hypervisor.header_line(status.get("hypervisor")))
     adapters = netinfo.list_adapters()
     for adapter in adapters:
         lines.append(f"{adapter.name}: {', '.join(adapter.addresses) or 'no address'}")
@@ -114,6 +117,7 @@ def main_menu(ctx: Context) -> None:
             ("5", "System time management"),
             ("6", "Command prompt"),
             ("7", "View bandwidth schedule"),
+            ("8", "Test hypervisor connection"),
         ]
         ctx.term.clear()
         try:
@@ -157,6 +161,8 @@ def _dispatch(ctx: Context, choice: str) -> None:
         shell.run(ctx)
     elif choice == "7":
         bandwidth.run(ctx)
+    elif choice == "8":
+        hypervisor.run(ctx)
 
 
 def login(ctx: Context, throttle: Throttle) -> bool:
