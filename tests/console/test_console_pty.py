@@ -102,8 +102,8 @@ def test_bad_input_reprompts_with_a_message(appliance, console_factory) -> None:
     con.answer("Password:", "wrong")
     con.seen("Login incorrect")
     con.login()
-    con.send("9")
-    con.seen("'9' is not a choice: enter one of 0, 1, 2, 3, 4, 5, 6, 7, x")
+    con.send("9")  # menus 0-8 and x exist
+    con.seen("'9' is not a choice: enter one of 0, 1, 2, 3, 4, 5, 6, 7, 8, x")
     con.send("0")
     con.answer("Select gateway family:", "1")
     con.seen("'1' is not a choice: enter one of 2")
