@@ -44,11 +44,16 @@ vcsim: $(VCSIM)
 $(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
 	tools/vcsim/build.sh $@
 
+# The tests that need no VM run on two workers, a file per worker at a time (module fixtures
+# stay per file); the VM tests run alone after them, each boot having the machine to itself.
+PARALLEL := -n 2 --dist loadfile
+
 test-fast: venv vcsim
-	$(PY) -m pytest -m "not vm" -q
+	$(PY) -m pytest -m "not vm" -q $(PARALLEL)
 
 test: deps venv lint vcsim ova
-	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -q
+	$(PY) -m pytest -m "not vm" -q $(PARALLEL)
+	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -m vm -q
 
 bench: venv
 	$(PY) -m tools.bench
