@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 ENDPOINT_TYPES = ("STANDARD", "DUALSTACK")
@@ -212,3 +214,141 @@ def software_version(value: Any, field: str = "softwareVersion") -> str:
             "A-Z a-z 0-9 . + _ -",
         )
     return text
+
+
+# --- a hypervisor's Host ----------------------------------------------------------------------
+
+LIBVIRT_SCHEMES = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix")
+LIBVIRT_LOCAL_SCHEMES = ("qemu", "qemu+unix")  # the gateway's own libvirtd: no host
+LIBVIRT_PATHS = ("/system", "/session")
+HYPERVISOR_HOST_MAX = 128  # the model's Host: 3-128 characters
+_URI_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+HYPERVISOR_HOST_RULE = (
+    "accepted: a vSphere host name, IPv4 address or [IPv6] address with an optional :PORT "
+    "(vcenter.example.com, 192.0.2.10:443, [2001:db8::10]), or a libvirt URI "
+    "qemu[+tcp|+tls|+ssh|+unix]://[HOST[:PORT]]/system (a user name only for qemu+ssh, no "
+    "password and no ?parameters in the URI)"
+)
+
+
+@dataclass(frozen=True)
+class HypervisorHost:
+    """A checked hypervisor Host: `kind` is "libvirt" (then `scheme`, `path` and, for
+    qemu+ssh, `username` are set) or "vsphere". `host` is lower-case, IPv6 without brackets,
+    empty for the gateway's own libvirtd; `port` is None when not given."""
+
+    text: str
+    kind: str
+    host: str
+    port: int | None
+    scheme: str = ""
+    path: str = ""
+    username: str | None = None
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def _address_ok(host: str, bracketed: bool) -> bool:
+    """An IPv6 literal (no zone) where brackets or colons say so, else an IPv4 address, else
+    a DNS name of one or more labels (an all-digit name must be a valid IPv4 address)."""
+    if bracketed or ":" in host:
+        try:
+            return ipaddress.IPv6Address(host).scope_id is None
+        except ValueError:
+            return False
+    if all(label.isdigit() for label in host.split(".")):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return _name_ok(_drop_root(host), DNS_NAME_MAX, 1)
+
+
+def _port(text: str) -> int | None:
+    if not _PORT.fullmatch(text) or int(text) > 65535:
+        return None
+    return int(text)
+
+
+def hypervisor_host(value: Any, field: str = "Host") -> HypervisorHost:
+    """The Host of a hypervisor, as the control plane stores it and the gateway connects to
+    it: what one side accepts the other can use, and nothing a gateway would refuse."""
+    text = _text(value, field, "a host or libvirt URI").strip()
+
+    def refuse(why: str) -> RuleError:
+        # a text with a user part may hold a password: it is not repeated back
+        shown = "the URI" if "@" in text else _shown(text)
+        return RuleError(field, f"{shown} {why}; {HYPERVISOR_HOST_RULE}")
+
+    if not 0 < len(text) <= HYPERVISOR_HOST_MAX:
+        raise refuse(f"must be 1-{HYPERVISOR_HOST_MAX} characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise refuse("has spaces or control characters")
+    head = _URI_HEAD.match(text)
+    if head:
+        return _libvirt_uri(text, head.group(1).lower(), refuse)
+    if "/" in text or "@" in text or "?" in text or "#" in text:
+        raise refuse("is neither a host[:port] nor a libvirt URI")
+    host, port = _host_port(text, refuse, bare_ipv6=True)
+    return HypervisorHost(text, "vsphere", host, port)
+
+
+def _libvirt_uri(
+    text: str, scheme: str, refuse: Callable[[str], RuleError]
+) -> HypervisorHost:
+    if scheme not in LIBVIRT_SCHEMES:
+        raise refuse(f"has the scheme {scheme[:20]!r}, which is not a libvirt one")
+    rest = text.split("://", 1)[1]
+    if "?" in rest or "#" in rest:
+        raise refuse("carries URI parameters, which name local programs and files")
+    authority, slash, path = rest.partition("/")
+    path = slash + path
+    if path not in LIBVIRT_PATHS:
+        raise refuse(f"has the path {path[:40]!r}, not {' or '.join(LIBVIRT_PATHS)}")
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at:
+        hostport, userinfo = authority, ""
+    if ":" in userinfo:
+        raise refuse("carries a password: give it in Password, where it is stored encrypted")
+    if at and (scheme != "qemu+ssh" or not userinfo):
+        raise refuse("has a user name, which only qemu+ssh takes in the URI")
+    if scheme in LIBVIRT_LOCAL_SCHEMES:
+        if hostport:
+            raise refuse(f"names a host, but {scheme}:// is the gateway's own libvirtd")
+        return HypervisorHost(text, "libvirt", "", None, scheme, path)
+    if not hostport:
+        raise refuse(f"needs a host: {scheme}://HOST[:PORT]{path}")
+    host, port = _host_port(hostport, refuse, bare_ipv6=False)
+    return HypervisorHost(text, "libvirt", host, port, scheme, path, userinfo or None)
+
+
+def _host_port(
+    text: str, refuse: Callable[[str], RuleError], bare_ipv6: bool
+) -> tuple[str, int | None]:
+    """`HOST[:PORT]` or `[IPv6][:PORT]` (and, where `bare_ipv6`, an IPv6 address without
+    brackets, which then cannot carry a port): the host lower-cased without brackets."""
+    host, port_text, bracketed = text, "", False
+    if text.startswith("["):
+        inner, bracket, after = text[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise refuse("is not [IPv6] or [IPv6]:PORT")
+        host, port_text, bracketed = inner, after[1:], True
+        if after and not port_text:
+            raise refuse("has an empty port")
+    elif text.count(":") == 1 or (":" in text and not bare_ipv6):
+        host, _, port_text = text.partition(":")
+        if not port_text:
+            raise refuse("has an empty port")
+    port = None
+    if port_text:
+        port = _port(port_text)
+        if port is None:
+            raise refuse("has a port that is not 1-65535")
+    if not _address_ok(host, bracketed):
+        raise refuse("names no valid host name, IPv4 address or IPv6 address")
+    return host.lower(), port

@@ -210,3 +210,41 @@ def test_no_copies_of_the_shared_rules() -> None:
                 if rel != home and re.search(pattern, text, re.MULTILINE):
                     found.append(f"{rel}: {pattern}")
     assert found == []
+
+
+# -- a hypervisor's Host: one rule for the control plane's import and the gateway's connect --
+
+HYPERVISOR_HOSTS_OK = [
+    ("qemu:///system", "libvirt", "", None),
+    ("qemu+tcp://10.0.2.101:16509/system", "libvirt", "10.0.2.101", 16509),
+    ("qemu+tcp://[::1]:16509/system", "libvirt", "::1", 16509),
+    ("qemu+ssh://root@KVM1.example/system", "libvirt", "kvm1.example", None),
+    ("qemu+tls://kvm1/session", "libvirt", "kvm1", None),
+    ("vcenter.example.com", "vsphere", "vcenter.example.com", None),
+    ("192.0.2.10:443", "vsphere", "192.0.2.10", 443),
+    ("[2001:db8::10]:8443", "vsphere", "2001:db8::10", 8443),
+    ("2001:db8::10", "vsphere", "2001:db8::10", None),
+    ("esx1", "vsphere", "esx1", None),
+]
+HYPERVISOR_HOSTS_BAD = [
+    "qemu+tcp://u:p@h/system",  # a password in the URI
+    "qemu+tcp://h/system?command=/bin/sh",  # libvirt parameters name local programs
+    "qemu+tcp://h/", "esx://h/system", "qemu+tcp://u@h/system", "qemu://h/system",
+    "qemu+tcp:///system", "h:0", "h:99999", "h:", "[::1", "[fe80::1%eth0]", "999.1.1.1",
+    "a b", "http://x", "h/x", "qemu+tcp://[::1]:/system", "-bad", "x" * 129, "",
+    "qemu+tcp://h:65536/system", "h:080",
+]
+
+
+@pytest.mark.parametrize(("text", "kind", "host", "port"), HYPERVISOR_HOSTS_OK)
+def test_hypervisor_hosts_accepted(text: str, kind: str, host: str, port: int | None) -> None:
+    parsed = rules.hypervisor_host(text)
+    assert (parsed.kind, parsed.host, parsed.port) == (kind, host, port)
+
+
+@pytest.mark.parametrize("text", HYPERVISOR_HOSTS_BAD)
+def test_hypervisor_hosts_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(rules.RuleError) as caught:
+        rules.hypervisor_host(text)
+    assert caught.value.field == "Host" and "accepted:" in caught.value.message
+    assert "u:p@" not in caught.value.message  # a password in the URI is not repeated
