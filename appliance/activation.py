@@ -63,6 +63,7 @@ class ParamError(Exception):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class KeyRefused(Exception):
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status = status
+        self.message = message
         self.code = code
 
 
@@ -439,7 +441,7 @@ class ActivationServer:
         try:
             result = await self.issue_key(req)
         except KeyRefused as exc:
-            return exc.status, {}, f"{exc}\n"
+            return exc.status, {}, f"{exc.message}\n"
         if req.no_redirect:
             return 200, {}, f"{result.key}\n"
         location = console_location(req, result.key)

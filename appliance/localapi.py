@@ -150,11 +150,11 @@ def make_app(backend: Backend) -> web.Application:
             body = await _json_body(request)
             req = parse_params({k: body.get(k) for k in ACTIVATION_FIELDS}, no_redirect=True)
         except ParamError as exc:
-            return error(400, "ValidationError", str(exc), exc.param)
+            return error(400, "ValidationError", exc.message, exc.param)
         try:
             result = await backend.issue_key(req)
         except KeyRefused as exc:
-            return error(exc.status, exc.code, str(exc))
+            return error(exc.status, exc.code, exc.message)
         return web.json_response(
             {
                 "activationKey": result.key,
@@ -200,7 +200,7 @@ def make_app(backend: Backend) -> web.Application:
         try:
             _replace_param(request)
         except ParamError as exc:
-            return error(400, "ValidationError", str(exc), exc.param)
+            return error(400, "ValidationError", exc.message, exc.param)
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error(417, "ExpectationFailed", "only 'Expect: 100-continue' is understood",
                          "Expect")
@@ -211,7 +211,7 @@ def make_app(backend: Backend) -> web.Application:
         try:
             replace = _replace_param(request)
         except ParamError as exc:
-            return error(400, "ValidationError", str(exc), exc.param)
+            return error(400, "ValidationError", exc.message, exc.param)
         # Streamed: aiohttp's reader stops reading the socket while the shaper holds a piece
         # back, so the local client is slowed to the limit instead of filling memory.
         try:
@@ -228,7 +228,7 @@ def make_app(backend: Backend) -> web.Application:
         try:
             body = await _json_body(request)
         except ParamError as exc:
-            return error(400, "ValidationError", str(exc), exc.param)
+            return error(400, "ValidationError", exc.message, exc.param)
         region_code = body.get("region") or backend.default_region()
         if not isinstance(region_code, str) or regions.get(region_code) is None:
             return error(
