@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"default {config.DEFAULT_LOCAL_API_SOCKET}")
     serve.add_argument("--link-retry-max", type=float, default=None, metavar="SECONDS",
                        help="longest wait between control plane retries (default 30)")
+    serve.add_argument("--hypervisor-ca-file", default=None, metavar="PEM",
+                       help="CA certificates to verify a vCenter against instead of the "
+                            "system store (e.g. the vCenter's VMCA root)")
 
     status = sub.add_parser("status", help="show the daemon's status (from the local API)")
     status.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
@@ -102,6 +105,7 @@ def serve(args: argparse.Namespace) -> int:
                 "control_plane_url": args.control_plane,
                 "local_api_socket": args.local_api_socket,
                 "link_retry_max": args.link_retry_max,
+                "hypervisor_ca_file": args.hypervisor_ca_file,
             },
         )
     except ConfigError as exc:

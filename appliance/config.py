@@ -50,6 +50,9 @@ class Settings:
     local_api_socket: Path
     link_retry_max: float = DEFAULT_LINK_RETRY_MAX
     config_file: Path | None = field(default=None)
+    # PEM CA certificates a vCenter's (or ESXi host's) certificate is verified against
+    # instead of the system store: the way to trust a vCenter's own VMCA (self-signed) root
+    hypervisor_ca_file: Path | None = None
 
     @property
     def control_plane_host(self) -> str:
@@ -68,6 +71,7 @@ KNOWN_KEYS = {
     "control_plane_url": "an http://HOST[:PORT] or https://HOST[:PORT] URL",
     "local_api_socket": "a socket path",
     "link_retry_max": "seconds (number, 1-3600) the link waits at most between retries",
+    "hypervisor_ca_file": "a PEM file of the CA certificates a vCenter is verified against",
 }
 
 
@@ -156,4 +160,6 @@ def load(
         ),
         link_retry_max=float(retry),
         config_file=path,
+        hypervisor_ca_file=(None if raw.get("hypervisor_ca_file") is None else
+                            _check_path("hypervisor_ca_file", raw["hypervisor_ca_file"])),
     )

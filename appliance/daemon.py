@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from typing import Any
@@ -32,6 +33,7 @@ from appliance.clockwatch import ClockWatch
 from appliance.config import Settings
 from appliance.gatewaystate import GatewayState
 from appliance.hypervisoragent import HypervisorAgent
+from appliance.hypervisors import connector_for
 from appliance.keyissuer import KeyIssuer
 from appliance.link import LinkClient
 from appliance.linkloop import LinkLoop
@@ -110,7 +112,11 @@ class Daemon:
         gateway = GatewayState(store, shaper)
         url = settings.control_plane_url
         link = LinkClient(url, identity, seal.public_b64)
-        hypervisors = HypervisorAgent(gateway, link, seal)
+        ca_file = settings.hypervisor_ca_file
+        hypervisors = HypervisorAgent(
+            gateway, link, seal,
+            connect=functools.partial(connector_for,
+                                      ca_file=None if ca_file is None else str(ca_file)))
         link_loop = LinkLoop(link, gateway, settings.link_retry_max, hypervisors.offer)
         keys = KeyIssuer(link, gateway, wake_poll=link_loop.wake)
         return cls(

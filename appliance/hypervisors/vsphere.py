@@ -3,7 +3,8 @@ and vCenter's vAPI REST endpoint for tags.
 
 TLS is verified, always: against the system CA store by default (an administrator adds the
 vCenter's VMCA root certificate, from https://VCENTER/certs/download.zip, to the appliance's
-trusted certificates), or against a PEM CA file given to the connector. A certificate that
+trusted certificates), or against a PEM CA file given to the connector (the daemon's
+`hypervisor_ca_file` setting, docs/hypervisors.md). A certificate that
 does not verify is a CertificateError whose message carries the SHA-256 fingerprint the
 server presented, so a person can compare it with the one vCenter shows. There is no
 "ignore certificates" switch in the product code: the tests trust the simulator's CA file.

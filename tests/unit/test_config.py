@@ -80,3 +80,14 @@ def test_bad_values_name_the_setting(tmp_path: Path, toml: str, needle: str) -> 
 def test_missing_config_file_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.toml"):
         config.load(tmp_path / "nope.toml", {})
+
+
+def test_hypervisor_ca_file(tmp_path: Path) -> None:
+    """Unset by default (the system CA store); from the file, and the flag wins over it."""
+    assert load(tmp_path).hypervisor_ca_file is None
+    s = load(tmp_path, 'hypervisor_ca_file = "/etc/appliance/vcenter-ca.pem"\n')
+    assert s.hypervisor_ca_file == Path("/etc/appliance/vcenter-ca.pem")
+    s = load(tmp_path, 'hypervisor_ca_file = "/a.pem"\n', hypervisor_ca_file="/b.pem")
+    assert s.hypervisor_ca_file == Path("/b.pem")
+    with pytest.raises(ConfigError, match="hypervisor_ca_file"):
+        load(tmp_path, "hypervisor_ca_file = 3\n")
