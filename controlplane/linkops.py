@@ -389,7 +389,12 @@ class LinkOps:
         result = self.store.record_inventory(
             hypervisor.hypervisor_id, reported, lambda uuid: vm_arn(hypervisor, uuid),
             state_of(outcome.ok, outcome.error_code), status, text, self.clock.now(),
+            sync_request,
         )
+        if result.stale:
+            log.info("event=vm_inventory_stale hypervisor=%s gateway=%s sync_request=%d",
+                     hypervisor.arn, gateway.arn, sync_request)
+            return {"vms": result.kept}
         log.info(
             "event=vm_inventory hypervisor=%s gateway=%s sync_request=%d status=%s vms=%d "
             "added=%d removed=%d", hypervisor.arn, gateway.arn, sync_request, status,

@@ -131,6 +131,9 @@ _ADDED_COLUMNS = (
     ("gateways", "hypervisor_id", "TEXT"),
     # The newest X25519 sealing key a gateway's poll carried (raw 32 bytes), or NULL.
     ("identities", "seal_key", "BLOB"),
+    # The newest sync request an inventory was recorded for: an older one arriving late (a
+    # slow gateway of two) must not overwrite a newer list.
+    ("hypervisors", "reported_request", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 # Created after the columns above exist. The purge filters on the time columns; the key_id
@@ -308,11 +311,13 @@ class ReportedVm:
 
 @dataclass(frozen=True)
 class SyncOutcome:
-    """What an inventory did: VMs kept (listed now), added and removed."""
+    """What an inventory did: VMs kept (listed now), added and removed; `stale` when it was
+    for an older sync request than one already recorded (and so changed nothing)."""
 
     kept: int
     added: int
     removed: int
+    stale: bool = False
 
 
 def partition_of(region: str) -> str:
@@ -928,16 +933,23 @@ class Store:
         sync_status: str,
         message: str | None,
         now: float,
+        sync_request: int,
     ) -> SyncOutcome:
         """Record a sync's outcome; with `vms` (a successful sync) they replace the
         hypervisor's list: a VM keeps its row, ARN and tags while reported, one no longer
         reported goes with its tags. One transaction, so a reader sees the old list or the
         new one, never half of each."""
         with self._tx() as db:
-            region_row = db.execute("SELECT region FROM hypervisors WHERE hypervisor_id=?",
-                                    (hypervisor_id,)).fetchone()
+            region_row = db.execute(
+                "SELECT region, reported_request FROM hypervisors WHERE hypervisor_id=?",
+                (hypervisor_id,),
+            ).fetchone()
             if region_row is None:
                 return SyncOutcome(0, 0, 0)
+            if sync_request < region_row[1]:
+                kept = int(db.execute("SELECT COUNT(*) FROM vms WHERE hypervisor_id=?",
+                                      (hypervisor_id,)).fetchone()[0])
+                return SyncOutcome(kept, 0, 0, stale=True)
             added = removed = 0
             if vms is not None:
                 before = {
@@ -963,8 +975,10 @@ class Store:
                 added, removed = len(reported - before), len(gone)
             db.execute(
                 "UPDATE hypervisors SET state=?, sync_status=?, sync_message=?,"
-                " last_sync=CASE WHEN ? THEN ? ELSE last_sync END WHERE hypervisor_id=?",
-                (state, sync_status, message, vms is not None, now, hypervisor_id),
+                " last_sync=CASE WHEN ? THEN ? ELSE last_sync END, reported_request=?"
+                " WHERE hypervisor_id=?",
+                (state, sync_status, message, vms is not None, now, sync_request,
+                 hypervisor_id),
             )
             kept = int(db.execute("SELECT COUNT(*) FROM vms WHERE hypervisor_id=?",
                                   (hypervisor_id,)).fetchone()[0])

@@ -326,6 +326,12 @@ def test_two_gateways_one_hypervisor(server: Server) -> None:
     assert [a["version"] for a in after] > before
     assert all(a["version"] > b for a, b in zip(after, before, strict=True))
     assert {a["hypervisor"]["syncRequest"] for a in after} == {3}
+    # One gateway reports request 3; the other's report of request 2 arrives late and
+    # must not put back the older list.
+    one.inventory(hv, 3, [vm("u-1", "web"), vm("u-3", "cache")])
+    assert two.inventory(hv, 2, [vm("u-1", "web"), vm("u-2", "db")]).status == 200
+    names = sorted(v["Name"] for v in bgw.list_virtual_machines()["VirtualMachines"])
+    assert names == ["cache", "web"]
 
 
 def test_restart_keeps_everything(tmp_path: Path) -> None:
