@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import re
 import secrets
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +36,7 @@ from controlplane.store import (
     partition_of,
     state_of,
 )
+from gatewaycore import rules
 from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger("controlplane.api")
@@ -71,13 +70,6 @@ _TOKEN_RE = re.compile(
 )
 _LIST_OF_KIND = {"": "ListGateways", "hypervisors": "ListHypervisors",
                  "vms": "ListVirtualMachines"}
-_URI_SCHEME = re.compile(r"[a-z][a-z0-9]*(?:\+[a-z0-9]+)?")
-_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
-HOST_RULE = (
-    "accepted: a host name (vcenter.example.com), an IPv4 or IPv6 address, either with an "
-    "optional :PORT, or a libvirt URI such as qemu+ssh://user@kvm1.example.com/system or "
-    "qemu+tls://10.0.0.5/system"
-)
 
 
 def _b64_text(token: str) -> str:
@@ -94,78 +86,14 @@ def _operation_name(method: str) -> str:
     return "".join(part.capitalize() for part in method.split("_"))
 
 
-def _host_ok(host: str) -> bool:
-    """An IP address (IPv6 bare, as urlsplit leaves it) or a DNS name of 1+ labels."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    labels = name.split(".")
-    if all(label.isdigit() for label in labels):
-        return False  # reads as an IPv4 address, and is not one
-    return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
-
-
 def hypervisor_host(value: str, member: str = "Host") -> str:
-    """The Host of a hypervisor: a host name or IP address with an optional port, or a
-    libvirt URI (`driver[+transport]://[user@][host][:port]/path[?params]`).
-
-    The model only says 3-128 characters; this refuses what no gateway could connect to
-    (spaces, control characters, `999.1.1.1`) and a URI carrying a password in its user
-    part, which would be stored and shown in the clear: that goes in Password.
-    """
-
-    def refuse(why: str) -> ApiError:
-        return validation(f"{member}: '{value}' {why}; {HOST_RULE}")
-
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise refuse("has spaces or control characters")
-    if "://" in value:
-        if not _URI_SCHEME.fullmatch(value.split("://", 1)[0]):
-            raise refuse("has a URI scheme that is not a libvirt driver[+transport]")
-        try:
-            parts = urllib.parse.urlsplit(value)
-            port = parts.port
-        except ValueError:
-            raise refuse("is not a URI with a valid host and port") from None
-        if parts.password is not None:
-            raise validation(
-                f"{member}: the URI carries a password; give the user name in the URI or in "
-                "Username, and the password in Password (it is then stored encrypted)"
-            )
-        host = parts.hostname or ""  # empty: the gateway's own libvirt (qemu:///system)
-        if (host and not _host_ok(host)) or port == 0:
-            raise refuse("names no valid host or port")
-        return value
-    if value.startswith("["):
-        inner, bracket, rest = value[1:].partition("]")
-        if not bracket:
-            raise refuse("opens a bracket it does not close")
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise refuse("has no IPv6 address in its brackets") from None
-        if rest and not (rest.startswith(":") and _port_ok(rest[1:])):
-            raise refuse("is not [IPv6]:PORT with a port 1-65535")
-        return value
-    if value.count(":") > 1:
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
-            raise refuse("is not an IPv6 address") from None
-        return value
-    host, colon, port_text = value.partition(":")
-    if colon and not _port_ok(port_text):
-        raise refuse("has a port that is not 1-65535")
-    if not _host_ok(host):
-        raise refuse("is not a host name or IP address")
+    """The Host of a hypervisor, by the rule the gateway connects with (gatewaycore.rules):
+    what is imported here is what a gateway can use, nothing more."""
+    try:
+        rules.hypervisor_host(value, member)
+    except rules.RuleError as exc:
+        raise validation(f"{exc.field}: {exc.message}") from None
     return value
-
-
-def _port_ok(text: str) -> bool:
-    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def mapped_tags(mappings: list[dict[str, str]], vmware_tags: list[dict[str, str]]

@@ -291,6 +291,10 @@ def hypervisor_host(value: Any, field: str = "Host") -> HypervisorHost:
         raise refuse("has spaces or control characters")
     head = _URI_HEAD.match(text)
     if head:
+        userinfo = text.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+        if ":" in userinfo:
+            raise refuse("carries a password: give it in Password, where it is stored "
+                         "encrypted")
         return _libvirt_uri(text, head.group(1).lower(), refuse)
     if "/" in text or "@" in text or "?" in text or "#" in text:
         raise refuse("is neither a host[:port] nor a libvirt URI")
@@ -313,8 +317,6 @@ def _libvirt_uri(
     userinfo, at, hostport = authority.rpartition("@")
     if not at:
         hostport, userinfo = authority, ""
-    if ":" in userinfo:
-        raise refuse("carries a password: give it in Password, where it is stored encrypted")
     if at and (scheme != "qemu+ssh" or not userinfo):
         raise refuse("has a user name, which only qemu+ssh takes in the URI")
     if scheme in LIBVIRT_LOCAL_SCHEMES:

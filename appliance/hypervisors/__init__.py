@@ -13,7 +13,7 @@ daemon starts on a machine that has neither.
 
 from __future__ import annotations
 
-import re
+from gatewaycore import rules
 
 from .model import (
     AUTHENTICATION_FAILED,
@@ -26,17 +26,16 @@ from .model import (
     DiscoveredVm,
     HypervisorError,
     Target,
+    parse_host,
 )
 
 __all__ = [
     "AUTHENTICATION_FAILED", "CERTIFICATE_ERROR", "CODES", "HOST_UNREACHABLE",
     "HYPERVISOR_ERROR", "INVALID_HOST", "LIBVIRT_SCHEMES", "Connector", "DiscoveredVm",
-    "HypervisorError", "Target", "connector_for",
+    "HypervisorError", "Target", "connector_for", "parse_host",
 ]
 
-LIBVIRT_SCHEMES = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix")
-_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-HOST_MAX = 255
+LIBVIRT_SCHEMES = rules.LIBVIRT_SCHEMES
 
 
 def connector_for(target: Target, timeout: float = 20.0, *,
@@ -46,20 +45,10 @@ def connector_for(target: Target, timeout: float = 20.0, *,
     `ca_file` (vSphere only): a PEM file of CA certificates to trust instead of the system
     store; None (the default) verifies against the system CA store, where an administrator
     adds the vCenter's VMCA root certificate."""
-    host = target.host
-    if not isinstance(host, str) or not host.strip() or len(host) > HOST_MAX:
-        raise HypervisorError(INVALID_HOST, f"the host must be 1-{HOST_MAX} characters")
-    if not host.isprintable():
-        raise HypervisorError(INVALID_HOST, "the host contains control characters")
     if timeout <= 0:
         raise ValueError("timeout must be positive")
-    scheme = _URI_SCHEME.match(host.strip())
-    if scheme:
-        if scheme.group(1).lower() not in LIBVIRT_SCHEMES:
-            raise HypervisorError(
-                INVALID_HOST, f"unsupported URI scheme {scheme.group(1)[:20]!r}: a libvirt "
-                f"URI starts with one of {', '.join(s + '://' for s in LIBVIRT_SCHEMES)}; a "
-                "vSphere host is a name or address without a scheme")
+    where = parse_host(target.host)
+    if where.kind == "libvirt":
         from .libvirt import LibvirtConnector
         return LibvirtConnector(target, timeout)
     from .vsphere import VsphereConnector

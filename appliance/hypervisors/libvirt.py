@@ -25,7 +25,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from gatewaycore import rules
 
@@ -38,6 +37,7 @@ from .model import (
     DiscoveredVm,
     HypervisorError,
     Target,
+    parse_host,
     scrub,
 )
 
@@ -51,10 +51,7 @@ TAG_KEY_MAX = 128    # AWS tag limits: the tags become the VM's tags in AWS Back
 TAG_VALUE_MAX = 256
 METADATA_MAX = 65536
 
-SCHEMES = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix")
-LOCAL_SCHEMES = ("qemu", "qemu+unix")
 DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22}
-PATHS = ("/system", "/session")
 
 T = TypeVar("T")
 
@@ -74,65 +71,13 @@ class LibvirtUri:
 
 
 def parse_uri(text: str) -> LibvirtUri:
-    """`text` as a libvirt URI we accept, or HypervisorError(InvalidHost) saying why not."""
-    text = text.strip()
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise HypervisorError(INVALID_HOST, f"malformed libvirt URI: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise HypervisorError(INVALID_HOST, f"unsupported libvirt URI scheme {scheme[:20]!r}; "
-                              f"accepted: {', '.join(SCHEMES)}")
-    if parts.query or parts.fragment or "?" in text or "#" in text:
-        raise HypervisorError(INVALID_HOST, "libvirt URI parameters (?...) are not accepted: "
-                              "give scheme://[user@]host[:port]/system only")
-    if parts.path not in PATHS:
-        raise HypervisorError(INVALID_HOST, f"the libvirt URI's path must be one of "
-                              f"{', '.join(PATHS)}, e.g. qemu+tcp://kvm1.example/system")
-    if parts.password is not None:
-        raise HypervisorError(INVALID_HOST, "put the password in the password field, not in "
-                              "the URI")
-    if parts.username is not None and scheme != "qemu+ssh":
-        raise HypervisorError(INVALID_HOST, "a user name in the URI is only for qemu+ssh; give "
-                              "it in the user name field")
-    host = parts.hostname or ""
-    if scheme in LOCAL_SCHEMES:
-        if host or port:
-            raise HypervisorError(INVALID_HOST, f"{scheme}:// is the local hypervisor and takes "
-                                  f"no host: {scheme}:///system")
-        return LibvirtUri(text, scheme, "", None)
-    if not host:
-        raise HypervisorError(INVALID_HOST, f"{scheme}:// needs a host, e.g. "
-                              f"{scheme}://kvm1.example/system")
-    if port == 0:
-        raise HypervisorError(INVALID_HOST, "the port must be 1-65535")
-    if not _host_ok(host, bracketed="[" in parts.netloc):
-        raise HypervisorError(INVALID_HOST, f"{host[:80]!r} is not a host name, IPv4 address or "
-                              "[IPv6] address")
-    return LibvirtUri(text, scheme, host.lower(), port)
-
-
-def _host_ok(host: str, bracketed: bool) -> bool:
-    import ipaddress
-
-    if bracketed:
-        try:
-            return ipaddress.IPv6Address(host).scope_id is None
-        except ValueError:
-            return False
-    if all(label.isdigit() for label in host.split(".")):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    try:
-        rules.server_name(host)
-    except rules.RuleError:
-        return False
-    return True
+    """`text` as a libvirt URI we accept (gatewaycore.rules.hypervisor_host: the rule the
+    control plane imports with), or HypervisorError(InvalidHost) saying why not."""
+    where = parse_host(text)
+    if where.kind != "libvirt":
+        raise HypervisorError(INVALID_HOST, f"{text[:80]!r} is not a libvirt URI; accepted: "
+                              f"{', '.join(s + '://' for s in rules.LIBVIRT_SCHEMES)}")
+    return LibvirtUri(where.text, where.scheme, where.host, where.port)
 
 
 def tags_metadata_xml(tags: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
@@ -269,7 +214,7 @@ class LibvirtConnector:
     def _reachable(self) -> None:
         """A TCP connect with the timeout before libvirt's own (which has none)."""
         uri = self._uri
-        if uri.scheme in LOCAL_SCHEMES:
+        if uri.scheme in rules.LIBVIRT_LOCAL_SCHEMES:
             return
         port = uri.port or DEFAULT_PORTS[uri.scheme]
         where = f"{uri.display_host}:{port}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from gatewaycore import rules
+
 # The codes a HypervisorError carries: the control plane and the console show a different
 # remedy for each, so they must stay distinct and few.
 AUTHENTICATION_FAILED = "AuthenticationFailed"
@@ -82,3 +84,12 @@ def scrub(text: str, secret: str | None) -> str:
     if secret:
         text = text.replace(secret, "***")
     return text[:500]
+
+
+def parse_host(text: str) -> rules.HypervisorHost:
+    """`text` by the one hypervisor-host rule the control plane also imports with
+    (gatewaycore.rules.hypervisor_host); HypervisorError(InvalidHost) saying why not."""
+    try:
+        return rules.hypervisor_host(text)
+    except rules.RuleError as exc:
+        raise HypervisorError(INVALID_HOST, exc.message) from None

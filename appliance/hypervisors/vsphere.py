@@ -22,7 +22,6 @@ import base64
 import contextlib
 import hashlib
 import http.client
-import ipaddress
 import json
 import logging
 import socket
@@ -31,8 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
-
-from gatewaycore import rules
 
 from .model import (
     AUTHENTICATION_FAILED,
@@ -45,6 +42,7 @@ from .model import (
     Target,
     scrub,
 )
+from .model import parse_host as parse_model_host
 
 log = logging.getLogger(__name__)
 
@@ -67,58 +65,13 @@ class VsphereHost:
 
 def parse_host(text: str) -> VsphereHost:
     """A host name, IPv4 address, [IPv6] address (or a bare IPv6 address, which cannot carry
-    a port) with an optional :port; HypervisorError(InvalidHost) otherwise."""
-    text = text.strip()
-    bad = HypervisorError(INVALID_HOST, f"{text[:80]!r} is not a vSphere host: give a host "
-                          "name, an IPv4 address or an [IPv6] address, with an optional :port "
-                          "(e.g. vcenter.example.com, 192.0.2.10:443, [2001:db8::10])")
-    host, port_text = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise bad
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise bad
-        port_text = rest[1:] if rest else ""
-        if not _ipv6(host):
-            raise bad
-    elif text.count(":") > 1:
-        if not _ipv6(text):
-            raise bad
-    else:
-        host, _, port_text = text.partition(":")
-        if ":" in text and not port_text:
-            raise bad
-        if not _ipv4_or_name(host):
-            raise bad
-    port = DEFAULT_PORT
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or port_text[0] == "0":
-            raise HypervisorError(INVALID_HOST, f"the port {port_text[:10]!r} is not 1-65535")
-        port = int(port_text)
-    return VsphereHost(host.lower(), port)
-
-
-def _ipv6(text: str) -> bool:
-    try:
-        return ipaddress.IPv6Address(text).scope_id is None
-    except ValueError:
-        return False
-
-
-def _ipv4_or_name(text: str) -> bool:
-    if all(label.isdigit() for label in text.split(".")):
-        try:
-            ipaddress.IPv4Address(text)
-        except ValueError:
-            return False
-        return True
-    try:
-        rules.server_name(text)
-    except rules.RuleError:
-        return False
-    return True
+    a port) with an optional :port, by the rule the control plane imports with
+    (gatewaycore.rules.hypervisor_host); HypervisorError(InvalidHost) otherwise."""
+    where = parse_model_host(text)
+    if where.kind != "vsphere":
+        raise HypervisorError(INVALID_HOST, f"{text[:80]!r} is a libvirt URI, not a vSphere "
+                              "host name or address")
+    return VsphereHost(where.host, where.port or DEFAULT_PORT)
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:

@@ -243,3 +243,32 @@ def test_console_and_guestconfig_agree_on_host_names(name: str, tmp_path: Path) 
     assert console == boot, f"{name!r}: console wrote {console!r}, guestconfig {boot!r}"
     if console is None:
         assert term.errors and "valid hostname" in term.errors[0]
+
+
+# -- a hypervisor's Host: what the control plane imports, the gateway can connect to ---------
+
+HYPERVISOR_HOSTS = [
+    "vcenter.example.com", "10.0.0.6:443", "[fd00::1]:443", "fd00::2", "esx-3",
+    "qemu+ssh://root@kvm1.example.com/system", "qemu:///system", "qemu+tcp://[::1]:16509/system",
+    "qemu+tls://10.0.0.7:16514/system?no_verify=1", "esx://root@esx9.lab/", "999.1.1.1",
+    "qemu+tcp://u@h/system", "qemu+tcp://h/", "h:0", "fe80::1%eth0", "qemu+tcp://u:p@h/system",
+]
+
+
+@pytest.mark.parametrize("host", HYPERVISOR_HOSTS)
+def test_control_plane_and_gateway_agree_on_a_hypervisor_host(host: str) -> None:
+    from appliance.hypervisors import HypervisorError, Target, connector_for
+    from controlplane.errors import ApiError
+    from controlplane.operations import hypervisor_host
+
+    try:
+        hypervisor_host(host)
+        imported = True
+    except ApiError:
+        imported = False
+    try:
+        connector_for(Target(host, "u", "p")).close()
+        usable = True
+    except HypervisorError:
+        usable = False
+    assert imported == usable, (host, imported, usable)
