@@ -45,14 +45,17 @@ $(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
 	tools/vcsim/build.sh $@
 
 # The tests that need no VM run on two workers, a file per worker at a time (module fixtures
-# stay per file); the VM tests run alone after them, each boot having the machine to itself.
+# stay per file), except the console's, which type into a real pty against deadlines and run
+# alone after them; the VM tests run last, each boot having the machine to itself.
 PARALLEL := -n 2 --dist loadfile
+FAST := $(PY) -m pytest -m "not vm" -q $(PARALLEL) --ignore=tests/console && \
+	$(PY) -m pytest -m "not vm" -q tests/console
 
 test-fast: venv vcsim
-	$(PY) -m pytest -m "not vm" -q $(PARALLEL)
+	$(FAST)
 
 test: deps venv lint vcsim ova
-	$(PY) -m pytest -m "not vm" -q $(PARALLEL)
+	$(FAST)
 	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -m vm -q
 
 bench: venv

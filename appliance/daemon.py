@@ -44,6 +44,7 @@ from appliance.state import StateStore
 from appliance.statusview import StatusView
 from appliance.uploads import Uploads
 from appliance.version import __version__
+from gatewaycore.connguard import quiet_resource_errors
 
 __all__ = ["Daemon", "StartupError"]  # StartupError: what `serve` reports in one line
 
@@ -163,6 +164,7 @@ class Daemon:
     async def run(self) -> None:
         """Start every part, serve until `stop` (or SIGTERM/SIGINT), then stop them in order."""
         settings = self.settings
+        quiet_resource_errors(asyncio.get_running_loop())  # port 80 under a flood: one line
         self.shaper.start()
         tasks: list[asyncio.Task[None]] = []
         async with contextlib.AsyncExitStack() as parts:

@@ -39,7 +39,7 @@ from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
 from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
-from gatewaycore.connguard import ConnectionGuard, Ticket
+from gatewaycore.connguard import ConnectionGuard, Ticket, quiet_resource_errors
 
 log = logging.getLogger("controlplane")
 
@@ -266,6 +266,12 @@ class GuardedProtocol(asyncio.Protocol):
             self._ticket.done()
 
 
+# asyncio accepts up to `backlog` connections per readiness before any is admitted by the
+# guard (admission runs in the connection's own callback), so this bounds the descriptors a
+# flood can hold beyond the guard's caps for that moment.
+ACCEPT_BACKLOG = 64
+
+
 class GuardedSite(web.SockSite):
     """A SockSite whose connections go through GuardedProtocol (TLS included)."""
 
@@ -368,8 +374,9 @@ class ControlPlane:
             **(timeout if where == "runner" else {}),
         )
         await self._runner.setup()
+        quiet_resource_errors(asyncio.get_running_loop())
         site = GuardedSite(self._runner, sock, self.guard, ssl_context=tls,
-                           **(timeout if where == "site" else {}))
+                           backlog=ACCEPT_BACKLOG, **(timeout if where == "site" else {}))
         await site.start()
         bound = sock.getsockname()
         return bound[0], bound[1]

@@ -21,6 +21,7 @@ bounds them (body sizes, write deadlines, keep-alive timeouts) belongs to each s
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 from collections import OrderedDict
@@ -129,3 +130,25 @@ class ConnectionGuard:
             ticket.close()
         except Exception:  # closing an already broken transport must not break admission
             log.debug("event=connection_close_failed server=%s", self.name, exc_info=True)
+
+
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def quiet_resource_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log asyncio's "accept() out of system resource" as one line, not a traceback.
+
+    Under a flood the descriptors can run out for a moment between an accept burst and the
+    evictions it causes; asyncio then pauses accepting for a second on its own and logs the
+    event with a traceback per refused accept. That is an expected state of a server under
+    attack, not a bug, so it is one warning line; every other loop error keeps the default.
+    """
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            log.warning("event=accept_paused reason=%s", errno.errorcode.get(exc.errno, "?"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
