@@ -2,12 +2,15 @@
 # `make run`: the reference control plane on the host, the appliance OVA in QEMU beside it.
 #
 # usage: tools/run-vm.sh build/backup-gateway-VERSION.ova
-# env:   HTTP_PORT (8080), CP_PORT (8443), APPLIANCE_ACCEL, FIRMWARE=bios|uefi, FRESH=1 (new disk)
+# env:   HTTP_PORT (8080), CP_PORT (8443), HYPERVISOR_PORT (16509), APPLIANCE_ACCEL,
+#        FIRMWARE=bios|uefi, FRESH=1 (new disk)
 #
 # The VM's serial console is this terminal; leave with the console's power-off, or Ctrl-A x.
 # The guest reaches nothing beyond this machine (QEMU user networking with restrict=on): its
 # port 80 is forwarded to 127.0.0.1:$HTTP_PORT and its 10.0.2.100:8443 is relayed to the
-# control plane on 127.0.0.1:$CP_PORT. The VM's disk (an overlay in build/run) and the control
+# control plane on 127.0.0.1:$CP_PORT; its 10.0.2.101:16509 is relayed to 127.0.0.1:$HYPERVISOR_PORT,
+# where `python -m tools.demohypervisor start` puts a demo libvirtd (started before or after
+# the VM: each guest connection is relayed on its own). The VM's disk (an overlay in build/run) and the control
 # plane's state (build/controlplane) are kept between runs, like a deployed appliance.
 set -euo pipefail
 ova=${1:?usage: run-vm.sh OVA}
@@ -15,6 +18,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 py=$repo/.venv/bin/python
 http_port=${HTTP_PORT:-8080}
 cp_port=${CP_PORT:-8443}
+hv_port=${HYPERVISOR_PORT:-16509}
 work=$repo/build/run
 cp_state=$repo/build/controlplane
 mkdir -p "$work" "$cp_state"
@@ -56,12 +60,15 @@ accel=$("$repo/tools/image/accel.sh")
 fresh=()
 [ -n "${FRESH:-}" ] && fresh=(--fresh)
 mapfile -d '' qemu < <("$py" "$repo/tools/image/vm.py" argv --ova "$ova" --workdir "$work" \
-    --http-port "$http_port" --control-plane-port "$cp_port" --accel "$accel" \
+    --http-port "$http_port" --control-plane-port "$cp_port" --hypervisor-port "$hv_port" \
+    --accel "$accel" \
     --firmware "${FIRMWARE:-bios}" "${fresh[@]}")
 
 cat <<MSG
 ==> control plane: http://127.0.0.1:$cp_port (state $cp_state, log $work/controlplane.log)
 ==> booting the appliance ($accel, ${FIRMWARE:-bios}); its port 80 is http://127.0.0.1:$http_port
+==> the VM's qemu+tcp://10.0.2.101:16509/system is this machine's 127.0.0.1:$hv_port
+    (a demo hypervisor there: .venv/bin/python -m tools.demohypervisor start --port $hv_port)
     From another terminal, once the console shows up (about 30 s under TCG):
 
     eval "\$(.venv/bin/python -m controlplane env --state-dir $cp_state)"

@@ -6,11 +6,15 @@ an edit that breaks a command breaks this test. Only these are replaced:
 - the placeholder the README asks the reader to fill in: `KEY` (the key curl printed);
 - where the README's fixed setup lives on this machine: 127.0.0.1:8443 and 127.0.0.1:8080
   become free ports (the tests run beside other processes), `build/controlplane` and
-  `/tmp/gw` temporary directories, `.venv/bin/` the virtualenv running the tests.
+  `/tmp/gw` temporary directories, `.venv/bin/` the virtualenv running the tests;
+- the demo hypervisor: `tools.demohypervisor CMD` gets `--dir` a temporary directory (and
+  `start` a free `--port`), and its address, 127.0.0.1:16509 (10.0.2.101:16509 as the VM of
+  `make run` sees it; here the appliance runs on this machine), becomes that port.
 
-The shell variable `ARN` is not replaced: the README's own `ARN=$(...)` line sets it. Each
-command runs in bash from the repository root; `eval`s and assignments are replayed before
-the commands after them, as in the reader's shell. `make run`/`make test` (a VM boot, the
+The shell variables `ARN` and `HV` are not replaced: the README's own `ARN=$(...)` and
+`HV=$(...)` lines set them. Each command runs in bash from the repository root; `eval`s are
+replayed before the commands after them and an assignment's value is kept, as in the
+reader's shell (the command that made it is not run again). `make run`/`make test` (a VM boot, the
 whole suite) are only checked to be targets the Makefile has. Every command must be one the
 test knows how to check: a new command in these blocks fails it until the test learns it.
 """
@@ -93,10 +97,18 @@ class Shell:
         assert done.returncode == 0, f"README command failed: {command}\n{done.stderr}"
         return done.stdout
 
-    def keep(self, command: str) -> None:
-        """An `eval` or an assignment: run it now (it must work), replay it from now on."""
-        self.run(command)
-        self.state.append(self.substitute(command))
+    def keep(self, command: str) -> str:
+        """An `eval` or an assignment: run it now (it must work); from now on an eval is
+        replayed and a variable set to the value it got. Returns that value ("" for eval)."""
+        assignment = re.match(r"([A-Za-z_][A-Za-z_0-9]*)=", command)
+        if assignment is None:
+            self.run(command)
+            self.state.append(self.substitute(command))
+            return ""
+        name = assignment.group(1)
+        value = self.run(f'{command}\nprintf %s "${name}"')
+        self.state.append(f"{name}={shlex.quote(value)}")
+        return value
 
 
 def aws_env() -> dict[str, str]:
@@ -115,13 +127,75 @@ def key_from(out: str) -> str:
     return key
 
 
+DEMO_DOMAINS = {"demo-web", "demo-db"}
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the README's demo hypervisor needs root (libvirtd in a mount namespace)")
+
+
+def demo_hypervisor_values(readme_address: str, demo_dir: Path) -> dict[str, str]:
+    """Where the demo hypervisor lives in this test: a free port, its own state directory."""
+    port = free_port()
+    tool = f"tools.demohypervisor --dir {demo_dir}"
+    return {readme_address: f"127.0.0.1:{port}",
+            "tools.demohypervisor start": f"{tool} start --port {port}",
+            "tools.demohypervisor password": f"{tool} password",
+            "tools.demohypervisor stop": f"{tool} stop"}
+
+
+def run_hypervisor_command(shell: Shell, command: str, arn: str | None,
+                           wait_until: Callable[..., Any]) -> bool:
+    """Run and check one of the README's hypervisor commands; False if it is not one."""
+    if "tools.demohypervisor start" in command:
+        out = shell.run(command)
+        assert all(name in out for name in DEMO_DOMAINS) and "password:" in out, out
+    elif re.match(r"HV=", command) and "import-hypervisor-configuration" in command:
+        hv = shell.keep(command)
+        assert re.fullmatch(r"arn:aws:backup-gateway:us-west-2:\d+:hypervisor/hype-\w+", hv), hv
+    elif "associate-gateway-to-server" in command:
+        assert arn is not None and '"$ARN"' in command, command
+        assert json.loads(shell.run(command))["GatewayArn"] == arn
+    elif "test-hypervisor-configuration" in command:
+        shell.run(command)  # exit 0: the gateway logged in to the hypervisor
+    elif "start-virtual-machines-metadata-sync" in command:
+        assert json.loads(shell.run(command))["HypervisorArn"].startswith("arn:aws:")
+    elif "list-virtual-machines" in command:
+        # "a sync takes a few seconds to show": 60 s, for a loaded machine
+        def listed() -> bool:
+            vms = json.loads(shell.run(command)).get("VirtualMachines", [])
+            return {vm["Name"] for vm in vms} == DEMO_DOMAINS
+        wait_until(listed, 60.0, "the demo domains in list-virtual-machines", interval=1.0)
+    elif "tools.demohypervisor stop" in command:
+        assert "stopped" in shell.run(command)
+    else:
+        return False
+    return True
+
+
+@pytest.fixture
+def demo_dir() -> Iterator[Path]:
+    """The demo hypervisor's state directory; whatever the test left running is stopped."""
+    path = Path(f"/tmp/demo-hv-test-{os.getpid()}")
+    try:
+        yield path
+    finally:
+        if path.exists():
+            subprocess.run([sys.executable, "-m", "tools.demohypervisor", "--dir", str(path),
+                            "stop"], cwd=REPO, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_two_commands_section_as_printed(
-    control_plane: Any, appliance: Any, wait_until: Callable[..., Any]
+    control_plane: Any, appliance: Any, wait_until: Callable[..., Any], demo_dir: Path
 ) -> None:
     """What `make run` would start is stood in for by the fixtures: the control plane (its
-    state in place of build/controlplane) and the daemon (its port 80 in place of 8080)."""
+    state in place of build/controlplane) and the daemon (its port 80 in place of 8080,
+    the demo hypervisor reached directly in place of the VM's relay)."""
+    need_root()
     cp, app = control_plane, appliance
-    first, flow, schedule = section_blocks("Two commands")
+    first, flow, schedule, hypervisor = section_blocks("Two commands")
     for command in commands(first):
         target = re.fullmatch(r"make (\S+)", command)
         assert target, command
@@ -132,9 +206,14 @@ def test_two_commands_section_as_printed(
     shell = Shell({"127.0.0.1:8443": f"127.0.0.1:{cp.port}",
                    "127.0.0.1:8080": f"127.0.0.1:{app.port}",
                    "build/controlplane": str(cp.state_dir),
-                   ".venv/bin/": f"{VENV_BIN}/"}, aws_env())
+                   ".venv/bin/": f"{VENV_BIN}/",
+                   **demo_hypervisor_values("10.0.2.101:16509", demo_dir)}, aws_env())
     key = arn = rate = None
-    for command in commands(flow) + commands(schedule):
+    hypervisor_commands = commands(hypervisor)
+    for command in commands(flow) + commands(schedule) + hypervisor_commands:
+        if command in hypervisor_commands and run_hypervisor_command(shell, command, arn,
+                                                                      wait_until):
+            continue
         if re.match(r"eval |[A-Za-z_]+=", command):
             shell.keep(command)
         elif command.startswith("curl "):
@@ -166,8 +245,7 @@ def test_two_commands_section_as_printed(
         else:
             raise AssertionError(f"a README command this test does not check: {command}")
     assert arn is not None and rate is not None, "the README lost its activation or schedule"
-    assert shell.used == {"127.0.0.1:8443", "127.0.0.1:8080", "build/controlplane",
-                          ".venv/bin/"}, shell.used
+    assert shell.used == set(shell.values), shell.used
 
 
 @pytest.fixture
@@ -181,22 +259,34 @@ def gw_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path) -> None:
+def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path, demo_dir: Path,
+                                        wait_until: Callable[..., Any]) -> None:
+    need_root()
     cp_port, app_port = free_port(), free_port()
     shell = Shell({"127.0.0.1:8443": f"127.0.0.1:{cp_port}",
                    "127.0.0.1:8080": f"127.0.0.1:{app_port}",
                    "build/controlplane": str(tmp_path / "controlplane"),
                    "/tmp/gw": str(gw_dir),
-                   ".venv/bin/": f"{VENV_BIN}/"}, child_env())
-    [block] = section_blocks("Without a VM")
+                   ".venv/bin/": f"{VENV_BIN}/",
+                   **demo_hypervisor_values("127.0.0.1:16509", demo_dir)}, aws_env())
+    block, hypervisor = section_blocks("Without a VM")
+    key = arn = None
     background: list[Proc] = []
     console: pexpect.spawn | None = None
     readme = README.read_text()
     login = re.search(r"log in as `(\w+)` with the password `([^`]+)`", readme)
     assert login, "the README no longer says how to log in to the console"
     try:
-        for command in commands(block):
-            if command.startswith("make ") and command.endswith("&"):
+        for command in commands(block) + commands(hypervisor):
+            if run_hypervisor_command(shell, command, arn, wait_until):
+                continue
+            if command.startswith("eval "):
+                shell.keep(command)
+            elif command.startswith("ARN=") and "create-gateway" in command:
+                assert key is not None and re.search(r"\bKEY\b", command), command
+                arn = shell.keep(re.sub(r"\bKEY\b", key, command))
+                assert arn.startswith("arn:aws:backup-gateway:us-west-2:"), arn
+            elif command.startswith("make ") and command.endswith("&"):
                 # What make runs for the target (its venv steps are printed, not run).
                 target = command.split()[1]
                 dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True,
@@ -211,7 +301,7 @@ def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path) -> None:
                 line = proc.wait_for_line(r"event=ready")
                 assert f"control_plane=http://127.0.0.1:{cp_port}" in line, line
             elif command.startswith("curl "):
-                key_from(shell.run(command))
+                key = key_from(shell.run(command))
             elif " -m appliance status" in command:
                 out = shell.run(command)
                 assert re.search(rf"Control plane\s+http://127\.0\.0\.1:{cp_port}\b", out), out
@@ -238,6 +328,7 @@ def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path) -> None:
             else:
                 raise AssertionError(f"a README command this test does not check: {command}")
         assert len(background) == 2 and console is not None, "the README lost a step"
+        assert arn is not None, "the README lost the laptop's activation"
         assert shell.used == set(shell.values), shell.used
     finally:
         if console is not None:

@@ -127,3 +127,21 @@ def test_make_ovf_refuses_a_mismatched_adapter(tmp_path: Path,
                           "--out", str(tmp_path / "y.ova")]) == 1
     assert "adapter type 'ide'" in capsys.readouterr().err
     assert not (tmp_path / "y.ova").exists()
+
+
+def test_vm_argv_relays_the_hypervisor_only_when_asked(tmp_path: Path) -> None:
+    """restrict=on, one guestfwd per relay: the hypervisor's is there only with a port, and
+    its `relay` goes to that port on the host's loopback (commas doubled for QEMU)."""
+    from tools.image.vm import GUEST_HYPERVISOR, VmConfig
+
+    def netdev(cfg: VmConfig) -> str:
+        argv = cfg.argv()
+        return argv[argv.index("-netdev") + 1]
+
+    plain = netdev(VmConfig(tmp_path / "o.qcow2", 8080, 8443))
+    assert plain.startswith("user,id=net0,restrict=on,") and plain.count("guestfwd=") == 1
+    relayed = netdev(VmConfig(tmp_path / "o.qcow2", 8080, 8443, hypervisor_port=23456))
+    assert relayed.count("guestfwd=") == 2 and "restrict=on" in relayed
+    host, port = GUEST_HYPERVISOR
+    assert f"guestfwd=tcp:{host}:{port}-cmd:" in relayed
+    assert relayed.endswith(" relay 127.0.0.1 23456")

@@ -165,7 +165,8 @@ class Guest:
     """One QEMU VM booted from the OVA's disk through its own fresh overlay."""
 
     def __init__(self, name: str, disk: Path, workdir: Path, control_plane_port: int,
-                 firmware: str = "bios", accel: str = "tcg") -> None:
+                 firmware: str = "bios", accel: str = "tcg",
+                 hypervisor_port: int | None = None) -> None:
         self.name = name
         workdir.mkdir(parents=True, exist_ok=True)
         overlay = make_overlay(disk, workdir / f"{name}.qcow2")
@@ -175,7 +176,8 @@ class Guest:
         self.qga = GuestAgent(workdir / f"{name}-qga.sock")
         self.cfg = VmConfig(overlay, self.http_port, control_plane_port, accel=accel,
                             firmware=firmware, serial=str(self.serial_socket),
-                            serial_log=self.serial_log, qga_socket=self.qga.path)
+                            serial_log=self.serial_log, qga_socket=self.qga.path,
+                            hypervisor_port=hypervisor_port)
         self.qemu_log = (workdir / f"{name}-qemu.log").open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.cfg.argv(), stdin=subprocess.DEVNULL,

@@ -6,7 +6,9 @@ Used by tools/run-vm.sh (`make run`) and by the VM tests, so both boot the image
 - SeaBIOS or OVMF (the image boots under both);
 - QEMU user networking with `restrict=on`: the guest can send nothing beyond this host. Port
   80 is forwarded from 127.0.0.1, and the guest's 10.0.2.100:8443 is relayed (guestfwd, one
-  `relay` process per connection) to the control plane on the host's loopback;
+  `relay` process per connection) to the control plane on the host's loopback; when asked
+  (`hypervisor_port`), the guest's 10.0.2.101:16509 is relayed the same way to a libvirtd on
+  the host's loopback (`qemu+tcp://10.0.2.101/system` in the guest), and nothing else is;
 - the control plane's URL handed to the guest as an SMBIOS OEM string, which the image's
   appliance-guestconfig.service writes into the daemon's settings at boot;
 - optionally a virtio-serial port for qemu-guest-agent (what tests use inside the guest) and
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_CONTROL_PLANE = ("10.0.2.100", 8443)
+# libvirt's own TCP port, so the guest's URI is the same whatever port the host's daemon has
+GUEST_HYPERVISOR = ("10.0.2.101", 16509)
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SMBIOS_PREFIX = "backupgateway."
@@ -92,24 +96,19 @@ class VmConfig:
     serial_log: Path | None = None
     qga_socket: Path | None = None
     ovmf_vars: Path | None = None  # a writable copy, made beside the overlay if None
+    # a libvirtd on the host's loopback, reached by the guest at GUEST_HYPERVISOR; None: no relay
+    hypervisor_port: int | None = None
 
     def argv(self) -> list[str]:
-        relay = " ".join(
-            shlex.quote(a)
-            for a in (
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "relay",
-                "127.0.0.1",
-                str(self.control_plane_port),
-            )
-        )
         cp_host, cp_port = GUEST_CONTROL_PLANE
         netdev = (
             "user,id=net0,restrict=on,"
             f"hostfwd=tcp:127.0.0.1:{self.http_port}-:80,"
-            f"guestfwd=tcp:{cp_host}:{cp_port}-cmd:{relay.replace(',', ',,')}"
+            f"{guestfwd(cp_host, cp_port, self.control_plane_port)}"
         )
+        if self.hypervisor_port is not None:
+            hv_host, hv_port = GUEST_HYPERVISOR
+            netdev += f",{guestfwd(hv_host, hv_port, self.hypervisor_port)}"
         smbios_url = f"{SMBIOS_PREFIX}control_plane_url=http://{cp_host}:{cp_port}"
         accel = "kvm:tcg" if self.accel == "kvm" else self.accel
         argv = [
@@ -179,6 +178,17 @@ class VmConfig:
         return argv
 
 
+def guestfwd(guest_host: str, guest_port: int, host_port: int) -> str:
+    """The -netdev user option relaying the guest's guest_host:guest_port, one `relay`
+    process per connection, to 127.0.0.1:host_port (commas doubled: QEMU's option quoting)."""
+    relay_cmd = " ".join(
+        shlex.quote(a)
+        for a in (sys.executable, str(Path(__file__).resolve()), "relay", "127.0.0.1",
+                  str(host_port))
+    )
+    return f"guestfwd=tcp:{guest_host}:{guest_port}-cmd:{relay_cmd.replace(',', ',,')}"
+
+
 def relay(host: str, port: int) -> int:
     """Copy bytes between stdin/stdout (QEMU's end of a guest connection) and HOST:PORT."""
     try:
@@ -223,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--workdir", type=Path, required=True)
     a.add_argument("--http-port", type=int, default=8080)
     a.add_argument("--control-plane-port", type=int, default=8443)
+    a.add_argument("--hypervisor-port", type=int, default=None,
+                   help=f"relay the guest's {GUEST_HYPERVISOR[0]}:{GUEST_HYPERVISOR[1]} to "
+                   "this port on the host's loopback (a libvirtd); none by default")
     a.add_argument("--accel", default="tcg")
     a.add_argument("--firmware", choices=["bios", "uefi"], default="bios")
     a.add_argument("--memory-mib", type=int, default=2048)
@@ -247,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         firmware=args.firmware,
         memory_mib=args.memory_mib,
         serial_log=args.workdir / "serial.log",
+        hypervisor_port=args.hypervisor_port,
     )
     sys.stdout.write("\0".join(cfg.argv()) + "\0")
     return 0
