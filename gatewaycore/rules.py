@@ -126,19 +126,8 @@ def host_name(value: Any, field: str = "hostname") -> str:
 def _url_host_ok(host: str) -> bool:
     """A bracketed IPv6 literal (no zone), an IPv4 address, or a DNS name of 1+ labels."""
     if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return False
-        return True
-    if all(label.isdigit() for label in host.split(".")):
-        # all digits reads as an IPv4 address, so it must be one (not 1.2.3.4.5 or 999.1.1.1)
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    return _name_ok(host, DNS_NAME_MAX, 1)
+        return _address_ok(host[1:-1], bracketed=True)
+    return _address_ok(host, bracketed=False)
 
 
 def control_plane_url(value: Any, field: str = "control_plane_url") -> str:

@@ -38,6 +38,7 @@ from .model import (
     HypervisorError,
     Target,
     parse_host,
+    reach_error,
     scrub,
 )
 
@@ -221,18 +222,9 @@ class LibvirtConnector:
         try:
             with socket.create_connection((uri.host, port), timeout=self._timeout):
                 pass
-        except socket.gaierror:
-            raise HypervisorError(HOST_UNREACHABLE, f"the host name {uri.host!r} does not "
-                                  "resolve (check DNS or use an address)") from None
-        except ConnectionRefusedError:
-            raise HypervisorError(HOST_UNREACHABLE, f"connection refused by {where}: is "
-                                  "libvirtd listening there (listen_tcp/listen_tls)?") from None
-        except TimeoutError:
-            raise HypervisorError(HOST_UNREACHABLE, f"no answer from {where} within "
-                                  f"{self._timeout:g}s (host down or a firewall)") from None
         except OSError as exc:
-            raise HypervisorError(HOST_UNREACHABLE, f"cannot reach {where}: "
-                                  f"{exc.strerror or exc}") from None
+            raise reach_error(exc, uri.host, where, self._timeout, "is libvirtd listening "
+                              "there (listen_tcp/listen_tls)?") from None
 
     def _bounded(self, what: str, work: Callable[[Any], T]) -> T:
         """Connect if needed and run `work(conn)` in a worker thread; wait at most the

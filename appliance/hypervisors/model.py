@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,3 +94,19 @@ def parse_host(text: str) -> rules.HypervisorHost:
         return rules.hypervisor_host(text)
     except rules.RuleError as exc:
         raise HypervisorError(INVALID_HOST, exc.message) from None
+
+
+def reach_error(exc: OSError, host: str, where: str, timeout: float,
+                refused_hint: str) -> HypervisorError:
+    """The one wording of a TCP connection to a hypervisor that failed (both connectors):
+    a name that does not resolve, a refusal, silence, or another network error."""
+    if isinstance(exc, socket.gaierror):
+        return HypervisorError(HOST_UNREACHABLE, f"the host name {host!r} does not resolve "
+                               "(check DNS or use an address)")
+    if isinstance(exc, ConnectionRefusedError):
+        return HypervisorError(HOST_UNREACHABLE, f"connection refused by {where}: "
+                               f"{refused_hint}")
+    if isinstance(exc, TimeoutError):
+        return HypervisorError(HOST_UNREACHABLE, f"no answer from {where} within "
+                               f"{timeout:g}s (host down or a firewall)")
+    return HypervisorError(HOST_UNREACHABLE, f"cannot reach {where}: {exc.strerror or exc}")

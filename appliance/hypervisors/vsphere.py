@@ -40,6 +40,7 @@ from .model import (
     DiscoveredVm,
     HypervisorError,
     Target,
+    reach_error,
     scrub,
 )
 from .model import parse_host as parse_model_host
@@ -182,18 +183,9 @@ class VsphereConnector:
         except ssl.SSLError as exc:
             raise HypervisorError(HYPERVISOR_ERROR, f"TLS with {where} failed ({exc.reason}): "
                                   "is this a vCenter or ESXi HTTPS port?") from None
-        except socket.gaierror:
-            raise HypervisorError(HOST_UNREACHABLE, f"the host name {self._where.host!r} does "
-                                  "not resolve (check DNS or use an address)") from None
-        except ConnectionRefusedError:
-            raise HypervisorError(HOST_UNREACHABLE, f"connection refused by {where}: nothing "
-                                  "listens on that port") from None
-        except TimeoutError:
-            raise HypervisorError(HOST_UNREACHABLE, f"no answer from {where} within "
-                                  f"{self._timeout:g}s (host down or a firewall)") from None
         except OSError as exc:
-            raise HypervisorError(HOST_UNREACHABLE, f"cannot reach {where}: "
-                                  f"{exc.strerror or exc}") from None
+            raise reach_error(exc, self._where.host, where, self._timeout,
+                              "nothing listens on that port") from None
         except vmodl.MethodFault as exc:
             text = scrub(str(getattr(exc, "msg", "") or type(exc).__name__), self._password)
             raise HypervisorError(HYPERVISOR_ERROR, f"{where}: {text}") from None
