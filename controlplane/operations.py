@@ -169,51 +169,41 @@ class BackupGatewayApi:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _in_region(self, caller: Caller, arn: str, kind: str, label: str,
+                   find: Callable[[str], Any], member: str,
+                   missing: Callable[[str], ApiError]) -> Any:
+        """The resource `arn` names, if it is of `kind`, of this account and in the caller's
+        region (the API is regional: another region's resource is not found, with a hint);
+        `missing` makes the error (ResourceNotFoundException, or ValidationException where
+        the model lists no ResourceNotFoundException for the operation)."""
+        parts = _ARN_PARTS.fullmatch(arn)
+        if parts is None or parts["type"] != kind:
+            raise missing(f"{member} '{arn}' does not name a {label.lower()}")
+        found = find(arn)
+        if found is None or parts["account"] != self.account:
+            raise missing(f"{label} {arn} was not found")
+        if found.region != caller.region:
+            raise missing(
+                f"{label} {arn} was not found in region {caller.region} (it is in "
+                f"{found.region}; call with --region {found.region})"
+            )
+        return found
+
     def _gateway(self, caller: Caller, arn: str, member: str = "GatewayArn",
                  missing: Callable[[str], ApiError] = not_found) -> Gateway:
-        """The live gateway `arn` names in the caller's region; `missing` makes the error
-        (ResourceNotFoundException, or ValidationException where the model lists no
-        ResourceNotFoundException for the operation)."""
-        parts = _ARN_PARTS.fullmatch(arn)
-        if parts is None or parts["type"] != "gateway":
-            raise missing(f"{member} '{arn}' does not name a gateway")
-        gateway = self.store.gateway(arn)
-        if gateway is None or parts["account"] != self.account:
-            raise missing(f"Gateway {arn} was not found")
-        if gateway.region != caller.region:
-            raise missing(
-                f"Gateway {arn} was not found in region {caller.region} (it is in "
-                f"{gateway.region}; call with --region {gateway.region})"
-            )
+        gateway: Gateway = self._in_region(caller, arn, "gateway", "Gateway",
+                                           self.store.gateway, member, missing)
         return gateway
 
     def _hypervisor(self, caller: Caller, arn: str, member: str = "HypervisorArn",
                     missing: Callable[[str], ApiError] = not_found) -> Hypervisor:
-        parts = _ARN_PARTS.fullmatch(arn)
-        if parts is None or parts["type"] != "hypervisor":
-            raise missing(f"{member} '{arn}' does not name a hypervisor")
-        hypervisor = self.store.hypervisor(arn)
-        if hypervisor is None or parts["account"] != self.account:
-            raise missing(f"Hypervisor {arn} was not found")
-        if hypervisor.region != caller.region:
-            raise missing(
-                f"Hypervisor {arn} was not found in region {caller.region} (it is in "
-                f"{hypervisor.region}; call with --region {hypervisor.region})"
-            )
+        hypervisor: Hypervisor = self._in_region(caller, arn, "hypervisor", "Hypervisor",
+                                                 self.store.hypervisor, member, missing)
         return hypervisor
 
     def _vm(self, caller: Caller, arn: str, member: str = "ResourceArn") -> VirtualMachine:
-        parts = _ARN_PARTS.fullmatch(arn)
-        if parts is None or parts["type"] != "vm":
-            raise not_found(f"{member} '{arn}' does not name a virtual machine")
-        vm = self.store.vm(arn)
-        if vm is None or parts["account"] != self.account:
-            raise not_found(f"Virtual machine {arn} was not found")
-        if vm.region != caller.region:
-            raise not_found(
-                f"Virtual machine {arn} was not found in region {caller.region} (it is in "
-                f"{vm.region}; call with --region {vm.region})"
-            )
+        vm: VirtualMachine = self._in_region(caller, arn, "vm", "Virtual machine",
+                                             self.store.vm, member, not_found)
         return vm
 
     def _taggable(self, caller: Caller, arn: str, member: str) -> str:
