@@ -239,15 +239,8 @@ class HypervisorAgent:
 
     async def _run_test(self, request: TestRequest) -> None:
         """One TestHypervisorConfiguration: connect, then post the result (retried briefly)."""
-        if request.password is None and request.password_pending:
-            outcome = Outcome(False, "HypervisorError",
-                              "the gateway has not yet received the password sealed to it; "
-                              "test again in a few seconds")
-        else:
-            async with self._test_slots:
-                outcome = await asyncio.to_thread(
-                    self._probe, request.host, request.username, request.password
-                )
+        outcome = await self._test(request.host, request.username, request.password,
+                                   request.password_pending)
         log.info("event=hypervisor_test test_id=%s host=%s ok=%s code=%s", request.test_id,
                  request.host, str(outcome.ok).lower(), outcome.code)
         st = self._gateway.state
@@ -269,6 +262,17 @@ class HypervisorAgent:
                             request.test_id, attempt + 1, str(exc))
                 await asyncio.sleep(backoff.next_delay())
 
+    async def _test(self, host: str, username: str | None,
+                    password: Mapping[str, Any] | None, pending: bool) -> Outcome:
+        """One login test (at most a few at once); a password still on its way is a clear
+        failure rather than a login without it."""
+        if password is None and pending:
+            return Outcome(False, "HypervisorError",
+                           "the gateway has not yet received the hypervisor password sealed "
+                           "to it; try again after its next poll")
+        async with self._test_slots:
+            return await asyncio.to_thread(self._probe, host, username, password)
+
     async def test_now(self) -> dict[str, Any]:
         """`POST /v1/hypervisor/test`: test the associated hypervisor with its stored settings.
 
@@ -279,16 +283,8 @@ class HypervisorAgent:
             raise LocalError(409, "NotAssociated",
                              "this gateway is not associated with a hypervisor; associate one "
                              "with AssociateGatewayToServer")
-        if st.hypervisor_password is None and st.hypervisor_password_pending:
-            outcome = Outcome(False, "HypervisorError",
-                              "the gateway has not yet received the hypervisor password "
-                              "sealed to it; try again after its next poll")
-        else:
-            async with self._test_slots:
-                outcome = await asyncio.to_thread(
-                    self._probe, st.hypervisor_host, st.hypervisor_username,
-                    st.hypervisor_password,
-                )
+        outcome = await self._test(st.hypervisor_host, st.hypervisor_username,
+                                   st.hypervisor_password, st.hypervisor_password_pending)
         at = now_iso()
         log.info("event=hypervisor_test test_id=local hypervisor_arn=%s host=%s ok=%s code=%s",
                  st.hypervisor_arn, st.hypervisor_host, str(outcome.ok).lower(), outcome.code)
