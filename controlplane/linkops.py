@@ -27,6 +27,7 @@ import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ log = logging.getLogger("controlplane.link")
 
 KEY_LIFETIME_SECONDS = 30 * 60
 MAX_WAIT_SECONDS = 25
+# Sealed hypervisor passwords kept for reuse (one per associated gateway in a fleet).
+MAX_SEALED_BOXES = 20_000
+NO_PASSWORD: dict[str, Any] = {"password": None, "passwordPending": False}
+PASSWORD_PENDING: dict[str, Any] = {"password": None, "passwordPending": True}
 PURGE_INTERVAL_SECONDS = 60.0
 # Bounds of what a gateway reports about its hypervisor (the body itself is bounded by the
 # wire: 8 MiB for an inventory).
@@ -138,6 +143,8 @@ class LinkOps:
         # On the business clock, so a test that moves it refills the buckets as time would.
         self.registrations = registrations or RegistrationThrottle(clock=clock.now)
         self._next_purge = 0.0
+        # (hypervisor ARN, stored ciphertext, gateway key) -> the poll's password members
+        self._boxes: OrderedDict[tuple[str, bytes, bytes], dict[str, Any]] = OrderedDict()
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -267,7 +274,8 @@ class LinkOps:
                 raw = sealed.decode_public(seal_key)
             except sealed.SealError as exc:
                 raise invalid("sealKey", str(exc)) from None
-            if self.store.set_seal_key(identity.key_id, raw):
+            # Every poll carries the key; only a new one is a write (and a version bump).
+            if raw != identity.seal_key and self.store.set_seal_key(identity.key_id, raw):
                 log.info("event=seal_key_recorded key_id=%s", identity.key_id)
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
         loop = asyncio.get_running_loop()
@@ -276,10 +284,10 @@ class LinkOps:
             # Registered before the state is read: a change in between is not missed.
             changed = self.hub.waiter(identity.key_id)
             try:
-                state = self.poll_state(identity.key_id)
+                current = self.identity(identity.key_id)  # purged meanwhile: UnknownGateway
                 remaining = deadline - loop.time()
-                if state["version"] > after or remaining <= 0 or self.hub.closing:
-                    return state
+                if current.version > after or remaining <= 0 or self.hub.closing:
+                    return self.poll_state(current)
                 log.debug("event=poll_wait key_id=%s after=%d wait=%.1f",
                           identity.key_id, after, remaining)
                 with contextlib.suppress(TimeoutError):
@@ -287,10 +295,9 @@ class LinkOps:
             finally:
                 self.hub.discard(identity.key_id, changed)
 
-    def poll_state(self, key_id: str) -> dict[str, Any]:
+    def poll_state(self, identity: Identity) -> dict[str, Any]:
         """What a poll answers: the configuration the gateway must apply, and its version."""
-        identity = self.store.identity(key_id)
-        assert identity is not None
+        key_id = identity.key_id
         gateway = self.store.gateway_by_id(identity.gateway_id) if identity.gateway_id else None
         state = "deleted" if identity.deleted else "activated" if gateway else "pending"
         live = gateway is not None and not identity.deleted
@@ -314,27 +321,49 @@ class LinkOps:
         }
 
     def _hypervisor_view(self, identity: Identity, hypervisor: Hypervisor) -> dict[str, Any]:
-        password = None
-        if hypervisor.password is not None:
-            try:
-                password = self.secrets.decrypt(hypervisor.password, hypervisor.arn)
-            except SecretDecryptError as exc:
-                log.error("event=secret_unreadable arn=%s error=%s", hypervisor.arn, exc)
         return {
             "hypervisorArn": hypervisor.arn,
             "host": hypervisor.host,
             "username": hypervisor.username,
-            **self._sealed_password(identity, password),
+            **self._hypervisor_password(identity, hypervisor),
             "syncRequest": hypervisor.sync_request,
         }
+
+    def _hypervisor_password(self, identity: Identity, hypervisor: Hypervisor
+                             ) -> dict[str, Any]:
+        """The stored password sealed to the gateway, the same box poll after poll.
+
+        A fresh seal differs every time (a new ephemeral key), and the gateway keeps the box
+        in its state: resealing at each poll would rewrite that file and wake its sync loop
+        every 25 s. So a box is made once per stored password and gateway key (both part of
+        the cache key: a new password or a new key makes a new box), and the password is
+        decrypted only then."""
+        if hypervisor.password is None:
+            return NO_PASSWORD
+        if identity.seal_key is None:
+            return PASSWORD_PENDING
+        key = (hypervisor.arn, hypervisor.password, identity.seal_key)
+        box = self._boxes.get(key)
+        if box is not None:
+            self._boxes.move_to_end(key)
+            return box
+        try:
+            password = self.secrets.decrypt(hypervisor.password, hypervisor.arn)
+        except SecretDecryptError as exc:
+            log.error("event=secret_unreadable arn=%s error=%s", hypervisor.arn, exc)
+            return NO_PASSWORD
+        box = self._boxes[key] = self._sealed_password(identity, password)
+        if len(self._boxes) > MAX_SEALED_BOXES:
+            self._boxes.popitem(last=False)
+        return box
 
     @staticmethod
     def _sealed_password(identity: Identity, password: str | None) -> dict[str, Any]:
         """`password` sealed to the gateway's key, or held back until it sends one."""
         if password is None:
-            return {"password": None, "passwordPending": False}
+            return NO_PASSWORD
         if identity.seal_key is None:
-            return {"password": None, "passwordPending": True}
+            return PASSWORD_PENDING
         return {"password": sealed.seal(identity.seal_key, password.encode()),
                 "passwordPending": False}
 

@@ -82,12 +82,16 @@ def test_poll_carries_the_hypervisor_sealed(server: Server) -> None:
         woke = waiting.result(10).body
         assert time.monotonic() - started < 2
     assert woke["hypervisor"]["syncRequest"] == 2
+    # The same password comes in the same box poll after poll: the gateway keeps the box in
+    # its state file, which a fresh seal each time would rewrite at every poll.
+    assert woke["hypervisor"]["password"] == box
     got = bgw.get_hypervisor(HypervisorArn=hv)["Hypervisor"]
     assert got["LatestMetadataSyncStatus"] == "CREATED" and got["State"] == "PENDING"
 
     # A new password reaches the gateway; disassociation takes the hypervisor away.
     bgw.update_hypervisor(HypervisorArn=hv, Password="changed-pw")
     got = link.poll(after=woke["version"], seal=True).body
+    assert got["hypervisor"]["password"] != box
     assert link.unseal(got["hypervisor"]["password"]) == "changed-pw"
     assert got["hypervisor"]["syncRequest"] == 3
     bgw.disassociate_gateway_from_server(GatewayArn=gw_arn)
