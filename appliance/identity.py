@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from gatewaycore import linkproto
-from gatewaycore.atomicfile import write_atomic
+from gatewaycore.atomicfile import create_exclusive
 
 KEY_FILE = "identity.pem"
 
@@ -50,19 +50,19 @@ class Identity:
 def load_or_create(state_dir: Path) -> tuple[Identity, bool]:
     """The identity kept in `state_dir`, created the first time; and whether it is new."""
     path = state_dir / KEY_FILE
+    created = False
     try:
+        if not path.exists():
+            new = Ed25519PrivateKey.generate()
+            pem = new.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+            created = create_exclusive(path, pem, mode=0o600)
         pem = path.read_bytes()
-    except FileNotFoundError:
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        write_atomic(path, pem, mode=0o600)
-        return Identity(key), True
     except OSError as exc:
-        raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from None
+        raise IdentityError(f"cannot read or create identity key {path}: {exc.strerror}") from None
     try:
         key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
         raise IdentityError(f"identity key {path} is not a PEM Ed25519 private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"identity key {path} is not an Ed25519 key")
-    return Identity(key), False
+    return Identity(key), created

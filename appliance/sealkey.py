@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gatewaycore import sealed
-from gatewaycore.atomicfile import write_atomic
+from gatewaycore.atomicfile import create_exclusive
 
 KEY_FILE = "seal.key"
 
@@ -50,16 +50,16 @@ class SealKey:
 def load_or_create(state_dir: Path) -> tuple[SealKey, bool]:
     """The sealing key kept in `state_dir`, created the first time; and whether it is new."""
     path = state_dir / KEY_FILE
+    created = False
     try:
+        if not path.exists():
+            new = sealed.private_bytes(X25519PrivateKey.generate())
+            created = create_exclusive(path, new, mode=0o600)
         raw = path.read_bytes()
-    except FileNotFoundError:
-        key = X25519PrivateKey.generate()
-        write_atomic(path, sealed.private_bytes(key), mode=0o600)
-        return SealKey(key), True
     except OSError as exc:
-        raise SealKeyError(f"cannot read sealing key {path}: {exc.strerror}") from None
+        raise SealKeyError(f"cannot read or create sealing key {path}: {exc.strerror}") from None
     try:
-        return SealKey(sealed.load_private(raw)), False
+        return SealKey(sealed.load_private(raw)), created
     except sealed.SealError:
         raise SealKeyError(f"sealing key {path} is not a raw X25519 private key of 32 "
                            "bytes") from None

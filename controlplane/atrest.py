@@ -14,7 +14,6 @@ X25519 key (gatewaycore.sealed); this module never sees the network.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
@@ -23,7 +22,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gatewaycore.atomicfile import fsync_dir
+from gatewaycore.atomicfile import create_exclusive
 
 log = logging.getLogger("controlplane.secrets")
 
@@ -70,20 +69,7 @@ class SecretsAtRest:
             return cls(_read_key(path))
         except FileNotFoundError:
             pass
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, AESGCM.generate_key(bit_length=256))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        fsync_dir(path.parent)
+        create_exclusive(path, AESGCM.generate_key(bit_length=256), mode=0o600)
         log.info("event=secrets_key_ready path=%s", path)
         return cls(_read_key(path))
 

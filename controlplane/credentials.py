@@ -9,15 +9,13 @@ so keys can be added or rotated by editing the file; it is re-read when it chang
 from __future__ import annotations
 
 import configparser
-import contextlib
 import logging
-import os
 import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gatewaycore.atomicfile import fsync_dir, write_atomic
+from gatewaycore.atomicfile import create_exclusive
 
 log = logging.getLogger("controlplane.credentials")
 
@@ -85,17 +83,7 @@ def ensure(path: Path) -> tuple[dict[str, str], bool]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         key, secret = generate()
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.new"
-        write_atomic(tmp, _render(key, secret), mode=0o600)
-        try:
-            os.link(tmp, path)
-            created = True
-        except FileExistsError:
-            created = False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        fsync_dir(path.parent)
+        created = create_exclusive(path, _render(key, secret), mode=0o600)
         return parse(path), created
     return parse(path), False
 

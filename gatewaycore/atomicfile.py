@@ -1,15 +1,17 @@
 """Crash-safe file writes.
 
 Every piece of state the appliance or the control plane keeps in a file goes through
-`write_atomic`: the bytes go to a temporary file in the same directory, are fsynced, and the
-temporary file is renamed over the target, then the directory is fsynced. A kill or a power
-cut at any instant leaves either the old file or the new one, never a mix.
+`write_atomic` (or, for a file made once such as a key, `create_exclusive`): the bytes go to
+a temporary file in the same directory, are fsynced, and the temporary file is renamed over
+the target, then the directory is fsynced. A kill or a power cut at any instant leaves either
+the old file or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 
@@ -43,3 +45,26 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def create_exclusive(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> bool:
+    """Create `path` holding `data` unless it exists; True when this call created it.
+
+    A complete, fsynced temporary file is hard-linked into place: two processes creating the
+    same file at once agree on one content (the loser's is dropped, and it reads the
+    winner's), and a crash never leaves a short file. For files made once and never
+    replaced: keys, generated credentials.
+    """
+    target = Path(path)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.new"
+    write_atomic(tmp, data, mode)
+    try:
+        os.link(tmp, target)
+        created = True
+    except FileExistsError:
+        created = False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(target.parent)
+    return created
