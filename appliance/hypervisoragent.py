@@ -36,7 +36,6 @@ from appliance.link import (
     LinkError,
     Refused,
     TestRequest,
-    now_iso,
     sleep_or_wake,
 )
 from appliance.localerror import LocalError
@@ -230,7 +229,7 @@ class HypervisorAgent:
         log.info("event=hypervisor_sync_done hypervisor_arn=%s sync_request=%d ok=%s "
                  "code=%s vms=%d", arn, request, str(outcome.ok).lower(), outcome.code, count)
         if self._gateway.state.hypervisor_arn == arn:  # not disassociated meanwhile
-            last = outcome.record(now_iso(), vms=count if outcome.ok else None,
+            last = outcome.record(utctime.format_utc(), vms=count if outcome.ok else None,
                                   syncRequest=request)
             self._gateway.save(hypervisor_synced_request=request, hypervisor_last_sync=last)
         return True
@@ -246,7 +245,7 @@ class HypervisorAgent:
         st = self._gateway.state
         if request.host == st.hypervisor_host and request.username == st.hypervisor_username:
             with contextlib.suppress(OSError):
-                self._gateway.save(hypervisor_last_test=outcome.record(now_iso()))
+                self._gateway.save(hypervisor_last_test=outcome.record(utctime.format_utc()))
         backoff = Backoff(base=1.0, cap=10.0)
         for attempt in range(REPORT_TRIES):
             try:
@@ -285,7 +284,7 @@ class HypervisorAgent:
                              "with AssociateGatewayToServer")
         outcome = await self._test(st.hypervisor_host, st.hypervisor_username,
                                    st.hypervisor_password, st.hypervisor_password_pending)
-        at = now_iso()
+        at = utctime.format_utc()
         log.info("event=hypervisor_test test_id=local hypervisor_arn=%s host=%s ok=%s code=%s",
                  st.hypervisor_arn, st.hypervisor_host, str(outcome.ok).lower(), outcome.code)
         if self._gateway.state.hypervisor_arn == st.hypervisor_arn:

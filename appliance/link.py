@@ -166,11 +166,6 @@ class PollAnswer:
                    hypervisor, requests)
 
 
-def now_iso() -> str:
-    """Now in the one time format of the link (gatewaycore.utctime)."""
-    return utctime.format_utc()
-
-
 class LinkClient:
     def __init__(self, base_url: str, identity: Identity, seal_key: str | None = None) -> None:
         """`seal_key`: the gateway's X25519 public key (base64), sent in every poll."""
@@ -218,7 +213,7 @@ class LinkClient:
             self._failed(f"control plane {self.base_url} answered HTTP {status}")
             raise Unreachable(self.last_error)
         self.reachable = True
-        self.last_contact = now_iso()
+        self.last_contact = utctime.format_utc()
         self.last_error = None
         try:
             doc = json.loads(text)

@@ -22,10 +22,10 @@ from appliance.link import (
     PollAnswer,
     Refused,
     TestRequest,
-    now_iso,
     sleep_or_wake,
 )
 from appliance.version import __version__
+from gatewaycore import utctime
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,6 @@ class LinkLoop:
             )
             changes.update(
                 software_update_request=answer.software_update_request,
-                software_update_requested_at=now_iso(),
+                software_update_requested_at=utctime.format_utc(),
             )
         gateway.save(**changes)
