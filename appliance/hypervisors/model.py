@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gatewaycore import rules
 
@@ -110,3 +111,86 @@ def reach_error(exc: OSError, host: str, where: str, timeout: float,
         return HypervisorError(HOST_UNREACHABLE, f"no answer from {where} within "
                                f"{timeout:g}s (host down or a firewall)")
     return HypervisorError(HOST_UNREACHABLE, f"cannot reach {where}: {exc.strerror or exc}")
+
+
+# -- backup and restore (docs/backups.md) ------------------------------------------------
+# Every call below blocks (the job runner calls them in worker threads). A DiskReader may be
+# read from several threads at once; a DiskWriter is written by one thread, in order.
+
+
+class DiskReader(Protocol):
+    """One disk of a VM frozen at the backup's instant."""
+
+    key: str        # names the disk within the VM, stable across backups (libvirt: target
+                    # dev "sda"; vSphere: the device key "2000"); gatewaycore.manifest rule
+    label: str      # what a person calls it (a file name, "Hard disk 1")
+    capacity: int   # virtual size in bytes
+
+    def extents(self) -> list[tuple[int, int]]:
+        """(offset, length) ranges to read, sorted, not overlapping: the allocated data for
+        a full backup, the changed ranges since the base checkpoint for an incremental one
+        (then a range that now reads as zeros is still listed: it must override the base)."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (length at most gatewaycore.manifest.CHUNK_SIZE)."""
+
+
+class BackupSession(Protocol):
+    """A backup in progress on the hypervisor: the VM's disks frozen at one instant (a
+    libvirt pull-mode backup, a vSphere snapshot) until finish()."""
+
+    incremental: bool           # extents() are changes since the base checkpoint
+    checkpoint: str | None      # what the next backup may be incremental from (None: the
+                                # hypervisor cannot track changes for this VM)
+    note: str                   # why it is full when an incremental was asked, else ""
+    vm_config: dict[str, Any]   # the VM's configuration, enough to recreate it (JSON-able)
+    disks: list[DiskReader]
+
+    def finish(self, ok: bool) -> None:
+        """End the backup on the hypervisor; idempotent and called on every path (failure,
+        stop, crash recovery included). ok=True: the recovery point is durable, so older
+        checkpoints of ours may go; ok=False: keep the base checkpoint as it was."""
+
+
+class DiskWriter(Protocol):
+    """One new disk of a VM being restored, written in increasing offsets; bytes not
+    written read as zeros."""
+
+    key: str
+    capacity: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+class RestoreSession(Protocol):
+    """A new VM being created by a restore; nothing is visible as a usable VM until commit."""
+
+    disks: list[DiskWriter]     # one per disk of the manifest, same keys
+
+    def commit(self) -> DiscoveredVm:
+        """Define (not start) the VM with its disks; returns it as discovery would."""
+
+    def abort(self) -> None:
+        """Remove whatever the restore created (disks, the half-made VM); idempotent."""
+
+
+class BackupConnector(Protocol):
+    """A connector that backs VMs up and restores them (libvirt, vSphere)."""
+
+    def begin_backup(self, vm_uuid: str, job_id: str,
+                     base_checkpoint: str | None) -> BackupSession:
+        """Freeze the VM's disks for reading. `base_checkpoint`: the checkpoint of the last
+        recovery point, to read only what changed since (a full backup when it is None or
+        gone; the session says which in `incremental` and `note`). A backup of ours left
+        running by a gateway that died is ended first. HypervisorError when the VM is gone
+        (code HypervisorError, message naming the VM) or the hypervisor refuses."""
+
+    def restore_options(self) -> tuple[str, ...]:
+        """The restore metadata keys this connector accepts besides the common ones."""
+
+    def begin_restore(self, vm_config: Mapping[str, Any], name: str,
+                      options: Mapping[str, str],
+                      disks: list[tuple[str, str, int]]) -> RestoreSession:
+        """Start creating a new VM called `name` from `vm_config` with new empty disks
+        (key, label, capacity). Refuses (HypervisorError, a message naming the field) a
+        name that exists, or an option naming something that does not exist."""
