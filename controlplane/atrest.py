@@ -91,6 +91,23 @@ class SecretsAtRest:
             ) from None
         return plain.decode()
 
+    def derive_key(self, purpose: str) -> bytes:
+        """32 bytes of key material for another use of the key file, one value per `purpose`
+        (at most 8 ASCII characters), from which the key cannot be recovered; the vaults
+        derive each vault's chunk key from it with HKDF.
+
+        Why this way: the AEAD keeps its key and does not give it back, and the key stays
+        private to this class. The material is AES under the key of counter blocks no
+        encryption uses: the GCM keystream of a nonce spelled from `purpose` (the way
+        AES-GCM-SIV derives its per-message keys, RFC 8452 section 4). encrypt() draws its
+        nonces at random, so it meets these with a chance of 2^-96 per call.
+        """
+        label = purpose.encode("ascii")
+        if not 1 <= len(label) <= 8:
+            raise ValueError("a key purpose is 1 to 8 ASCII characters")
+        nonce = (b"kdf:" + label).ljust(_NONCE_BYTES, b"\0")
+        return self._aead.encrypt(nonce, bytes(KEY_BYTES), None)[:KEY_BYTES]
+
 
 def _read_key(path: Path) -> bytes:
     info = path.stat()  # FileNotFoundError: the caller creates it
