@@ -65,3 +65,29 @@ def not_found(message: str, error_code: str | None = None) -> ApiError:
 
 def conflict(message: str, error_code: str | None = None) -> ApiError:
     return ApiError("ConflictException", message, error_code)
+
+
+# AWS Backup (service `backup`, restJson1; restjson.py). Its model gives none of its error
+# shapes an `httpStatusCode`, so each answers with the status botocore and Smithy assume for
+# it: 500 for a fault, else 400. Two names mean another status here than in backup-gateway
+# (ResourceNotFoundException 400, not 404; ConflictException 400, not 409), which is why the
+# `backup` wire takes its status from this table first (backup_status). Checked against
+# botocore's model by tests/controlplane/test_backupmodel.py.
+BACKUP_ERROR_STATUS: dict[str, int] = {
+    "AlreadyExistsException": 400,
+    "ConflictException": 400,
+    "DependencyFailureException": 500,
+    "InvalidParameterValueException": 400,
+    "InvalidRequestException": 400,
+    "InvalidResourceStateException": 400,
+    "LimitExceededException": 400,
+    "MissingParameterValueException": 400,
+    "ResourceNotFoundException": 400,
+    "ServiceUnavailableException": 500,
+}
+
+
+def backup_status(err: ApiError) -> int:
+    """The HTTP status of `err` on the `backup` wire: the `backup` model's for its own error
+    shapes, else the one it has everywhere (authentication, throttling, internal errors)."""
+    return BACKUP_ERROR_STATUS.get(err.code, err.status)
