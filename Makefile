@@ -32,7 +32,18 @@ $(VENV_STAMP): requirements.lock pyproject.toml | deps
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# Debian's libnbd bindings (python3-libnbd: CPython 3.11, like the venv's interpreter) made
+# importable without the rest of /usr/lib/python3/dist-packages, whose other modules would
+# shadow the lock's pins: a directory of symlinks to the `nbd` module's files only, named by a
+# .pth in site-packages. Not part of the stamp's recipe, so existing venvs get it too.
+NBD_LINKS := $(VENV)/debian-nbd
+DIST := /usr/lib/python3/dist-packages
+
 venv: $(VENV_STAMP)
+	@mkdir -p $(NBD_LINKS) && ln -sfn $(DIST)/nbd.py $(NBD_LINKS)/nbd.py && \
+	  for so in $(DIST)/libnbdmod*.so; do [ -e "$$so" ] && ln -sfn "$$so" $(NBD_LINKS)/; done; \
+	  site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') && \
+	  echo "$(abspath $(NBD_LINKS))" > "$$site/debian-nbd.pth"
 
 lint: venv
 	$(VENV)/bin/ruff check gatewaycore appliance controlplane tests tools

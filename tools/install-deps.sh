@@ -7,7 +7,11 @@ pkgs=(python3 python3-venv python3-dev gcc make qemu-system-x86 qemu-utils ovmf 
       # TCP, libvirt-python compiled into the virtualenv, and the vSphere simulator built
       # offline from Debian's Go sources (tools/vcsim/build.sh)
       libvirt-daemon-system libvirt-dev pkg-config sasl2-bin libsasl2-modules
-      golang-go golang-github-vmware-govmomi-dev)
+      golang-go golang-github-vmware-govmomi-dev
+      # libvirt backups (appliance/hypervisors/libvirtbackup.py): libnbd's Python bindings read
+      # the pull-mode backup's NBD exports (linked into the venv by the Makefile's venv
+      # recipe); nbdcopy (libnbd-bin) is what the backup's throughput is measured against
+      python3-libnbd libnbd-bin)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

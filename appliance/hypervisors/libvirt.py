@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,8 +34,10 @@ from .model import (
     HOST_UNREACHABLE,
     HYPERVISOR_ERROR,
     INVALID_HOST,
+    BackupSession,
     DiscoveredVm,
     HypervisorError,
+    RestoreSession,
     Target,
     parse_host,
     reach_error,
@@ -139,6 +141,7 @@ class LibvirtConnector:
     """A libvirt hypervisor; one connection, opened on first use and reused."""
 
     def __init__(self, target: Target, timeout: float = 20.0) -> None:
+        self._target = target
         self._uri = parse_uri(target.host)
         self._username = target.username
         self._password = target.password
@@ -164,6 +167,59 @@ class LibvirtConnector:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+
+    # -- the BackupConnector calls (the data path lives in libvirtbackup.py) -------------
+
+    def begin_backup(self, vm_uuid: str, job_id: str,
+                     base_checkpoint: str | None) -> BackupSession:
+        from . import libvirtbackup
+        return libvirtbackup.begin_backup(self.session(), vm_uuid, job_id, base_checkpoint)
+
+    def restore_options(self) -> tuple[str, ...]:
+        from gatewaycore import restorekeys
+        return restorekeys.LIBVIRT
+
+    def begin_restore(self, vm_config: Mapping[str, Any], name: str,
+                      options: Mapping[str, str],
+                      disks: list[tuple[str, str, int]]) -> RestoreSession:
+        from . import libvirtbackup
+        return libvirtbackup.begin_restore(self.session(), vm_config, name, options, disks)
+
+    # -- what a backup or restore session uses ------------------------------------------
+
+    def session(self) -> LibvirtConnector:
+        """A connector of its own for one backup or restore: the session's libvirt streams,
+        its paused-for-backup domain (auto-destroyed with the connection) and its long calls
+        must not die when a discovery call times out and drops the shared connection."""
+        return LibvirtConnector(self._target, self._timeout)
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def uri(self) -> LibvirtUri:
+        return self._uri
+
+    @property
+    def nbd_address(self) -> str:
+        """Where the hypervisor's NBD backup server listens for the gateway: the host of
+        the URI (the address the gateway already reaches it on), 127.0.0.1 for a local URI."""
+        return self._uri.host or "127.0.0.1"
+
+    def call(self, what: str, work: Callable[[Any], T], timeout: float | None = None) -> T:
+        """`work(conn)` bounded like every call of this connector, libvirt errors turned into
+        scrubbed HypervisorErrors; `timeout` for the calls that move data (an upload's
+        conversion), else the connector's."""
+        return self._bounded(what, work, timeout)
+
+    def discovered(self, conn: Any, dom: Any) -> DiscoveredVm:
+        """`dom` as inventory() reports it (a restore returns the VM it made this way)."""
+        host_name = self._uri.host or conn.getHostname()
+        prefix = self._uri.display_host or host_name
+        name = dom.name()
+        return DiscoveredVm(uuid=dom.UUIDString(), name=name, path=f"{prefix}/{name}",
+                            host_name=host_name, tags=self._tags(_libvirt(), dom, name))
 
     # -- connection ---------------------------------------------------------------------
 
@@ -226,7 +282,8 @@ class LibvirtConnector:
             raise reach_error(exc, uri.host, where, self._timeout, "is libvirtd listening "
                               "there (listen_tcp/listen_tls)?") from None
 
-    def _bounded(self, what: str, work: Callable[[Any], T]) -> T:
+    def _bounded(self, what: str, work: Callable[[Any], T],
+                 timeout: float | None = None) -> T:
         """Connect if needed and run `work(conn)` in a worker thread; wait at most the
         timeout. An overrunning worker is abandoned: its connection is dropped from the
         connector at once and closed by the worker when libvirt returns."""
@@ -246,15 +303,16 @@ class LibvirtConnector:
                 if abandoned.is_set() and conn is not None:
                     self._drop(conn)
 
+        limit = self._timeout if timeout is None else timeout
         threading.Thread(target=run, name=f"libvirt-{what}", daemon=True).start()
-        if not done.wait(self._timeout):
+        if not done.wait(limit):
             abandoned.set()
             with self._lock:
                 self._conn = None
             log.warning("event=libvirt_timeout uri=%s call=%s seconds=%s", self._uri.uri, what,
-                        self._timeout)
+                        limit)
             raise HypervisorError(HOST_UNREACHABLE, f"the hypervisor at {self._uri.uri} did not "
-                                  f"answer within {self._timeout:g}s")
+                                  f"answer within {limit:g}s")
         if "error" in result:
             error = result["error"]
             libvirt = _libvirt()
