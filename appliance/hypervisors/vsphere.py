@@ -22,14 +22,18 @@ import base64
 import contextlib
 import hashlib
 import http.client
+import http.cookies
 import json
 import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
+
+from gatewaycore import restorekeys
 
 from .model import (
     AUTHENTICATION_FAILED,
@@ -45,7 +49,12 @@ from .model import (
 )
 from .model import parse_host as parse_model_host
 
+if TYPE_CHECKING:
+    from .vspherebackup import VsphereBackupSession
+    from .vsphererestore import VsphereRestoreSession
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API_VERSION = "vim.version.version11"
 DEFAULT_PORT = 443
@@ -132,6 +141,69 @@ class VsphereConnector:
             except Exception as exc:  # the session may be gone already; nothing to do
                 log.info("event=vsphere_logout_failed host=%s error=%s", self._where.netloc,
                          type(exc).__name__)
+
+    # -- backups and restores (vspherebackup.py and vsphererestore.py hold the logic) -------------------------
+
+    def begin_backup(self, vm_uuid: str, job_id: str,
+                     base_checkpoint: str | None) -> VsphereBackupSession:
+        from .vspherebackup import begin_backup
+
+        return begin_backup(self, vm_uuid, job_id, base_checkpoint)
+
+    def restore_options(self) -> tuple[str, ...]:
+        return restorekeys.VSPHERE
+
+    def begin_restore(self, vm_config: Mapping[str, Any], name: str,
+                      options: Mapping[str, str],
+                      disks: list[tuple[str, str, int]]) -> VsphereRestoreSession:
+        from .vsphererestore import begin_restore
+
+        return begin_restore(self, vm_config, name, options, disks)
+
+    # What the vSphere backup and restore modules use of this connector: the one SOAP session (and its cookie, which
+    # also opens the datastore's /folder URLs), the TLS context and the timeout, so a backup
+    # verifies and bounds its HTTPS traffic exactly as discovery does.
+
+    @property
+    def endpoint(self) -> VsphereHost:
+        return self._where
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        return self._ssl
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    def content(self) -> Any:
+        """The logged-in ServiceContent (logging in again when the session ended)."""
+        self._start()
+        return self._guarded(self._session)
+
+    def step(self, what: str, call: Callable[[], T]) -> T:
+        """One SOAP call bounded by the timeout; a failure is a HypervisorError whose message
+        starts with `what` (what the gateway was doing), never with the password in it."""
+        self._start()
+        try:
+            return self._guarded(call)
+        except HypervisorError as exc:
+            raise HypervisorError(exc.code, f"{what}: {exc.message}") from None
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self._password)
+
+    def session_cookie(self) -> str:
+        """`vmware_soap_session=...` of the SOAP login, for the datastore file URLs (vCenter
+        accepts the SOAP session there, as virt-v2v's vCenter input uses it)."""
+        raw = str(getattr(self._stub, "cookie", "") or "")
+        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            jar.load(raw)
+        morsel = jar.get("vmware_soap_session")
+        if morsel is not None:
+            return f"vmware_soap_session={morsel.coded_value}"
+        return raw.split(";", 1)[0].strip()
 
     # -- session ------------------------------------------------------------------------
 
