@@ -142,7 +142,7 @@ class VsphereConnector:
                 log.info("event=vsphere_logout_failed host=%s error=%s", self._where.netloc,
                          type(exc).__name__)
 
-    # -- backups and restores (vspherebackup.py and vsphererestore.py hold the logic) -------------------------
+    # -- backups and restores (vspherebackup.py and vsphererestore.py hold the logic) --
 
     def begin_backup(self, vm_uuid: str, job_id: str,
                      base_checkpoint: str | None) -> VsphereBackupSession:
@@ -160,9 +160,10 @@ class VsphereConnector:
 
         return begin_restore(self, vm_config, name, options, disks)
 
-    # What the vSphere backup and restore modules use of this connector: the one SOAP session (and its cookie, which
-    # also opens the datastore's /folder URLs), the TLS context and the timeout, so a backup
-    # verifies and bounds its HTTPS traffic exactly as discovery does.
+    # What the vSphere backup and restore modules use of this connector: the one SOAP
+    # session (and its cookie, which also opens the datastore's /folder URLs), the TLS
+    # context and the timeout, so a backup verifies and bounds its HTTPS traffic exactly
+    # as discovery does.
 
     @property
     def endpoint(self) -> VsphereHost:
