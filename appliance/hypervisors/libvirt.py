@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from gatewaycore import rules
 
+from . import libvirtbindings
 from .model import (
     AUTHENTICATION_FAILED,
     CERTIFICATE_ERROR,
@@ -116,27 +117,6 @@ def parse_tags(xml_text: str, domain: str = "") -> tuple[tuple[str, str], ...]:
     return tuple(tags.items())
 
 
-def _libvirt() -> Any:
-    try:
-        import libvirt
-    except ImportError:
-        raise HypervisorError(HYPERVISOR_ERROR, "the libvirt Python bindings are not "
-                              "installed (Debian: python3-libvirt)") from None
-    _quiet(libvirt)
-    return libvirt
-
-
-_quiet_done = False
-
-
-def _quiet(libvirt: Any) -> None:
-    """libvirt prints every error to stderr by default; ours are raised and logged instead."""
-    global _quiet_done
-    if not _quiet_done:
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _quiet_done = True
-
-
 class LibvirtConnector:
     """A libvirt hypervisor; one connection, opened on first use and reused."""
 
@@ -219,7 +199,7 @@ class LibvirtConnector:
         prefix = self._uri.display_host or host_name
         name = dom.name()
         return DiscoveredVm(uuid=dom.UUIDString(), name=name, path=f"{prefix}/{name}",
-                            host_name=host_name, tags=self._tags(_libvirt(), dom, name))
+                            host_name=host_name, tags=self._tags(libvirtbindings.load(), dom, name))
 
     # -- connection ---------------------------------------------------------------------
 
@@ -231,7 +211,7 @@ class LibvirtConnector:
             conn.close()
 
     def _connection(self) -> Any:
-        libvirt = _libvirt()
+        libvirt = libvirtbindings.load()
         with self._lock:
             conn = self._conn
         if conn is not None:
@@ -315,7 +295,7 @@ class LibvirtConnector:
                                   f"answer within {limit:g}s")
         if "error" in result:
             error = result["error"]
-            libvirt = _libvirt()
+            libvirt = libvirtbindings.load()
             if isinstance(error, libvirt.libvirtError):
                 raise self._error(libvirt, error) from None
             raise error
@@ -324,7 +304,7 @@ class LibvirtConnector:
     # -- discovery ----------------------------------------------------------------------
 
     def _inventory(self, conn: Any) -> list[DiscoveredVm]:
-        libvirt = _libvirt()
+        libvirt = libvirtbindings.load()
         host_name = self._uri.host or conn.getHostname()
         prefix = self._uri.display_host or host_name
         vms = []

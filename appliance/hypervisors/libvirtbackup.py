@@ -46,18 +46,32 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 from xml.sax.saxutils import quoteattr
 
 from gatewaycore import restorekeys
 from gatewaycore.manifest import CHUNK_SIZE
 
+from . import libvirtbindings
 from .model import HYPERVISOR_ERROR, DiscoveredVm, HypervisorError, reach_error
 
-if TYPE_CHECKING:
-    from .libvirt import LibvirtConnector
+
+class LibvirtConnector(Protocol):
+    """What the sessions use of appliance.hypervisors.libvirt.LibvirtConnector (a Protocol
+    here, so the two modules do not import each other)."""
+
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def uri(self) -> Any: ...
+    @property
+    def nbd_address(self) -> str: ...
+    def call(self, what: str, work: Callable[[Any], T], timeout: float | None = None) -> T: ...
+    def discovered(self, conn: Any, dom: Any) -> DiscoveredVm: ...
+    def close(self) -> None: ...
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINT_PREFIX = "bg-"
 CHECKPOINT_RE = re.compile(r"bg-[A-Za-z0-9_.-]{1,80}")
@@ -456,8 +470,7 @@ class LibvirtBackupSession:
 
 
 def conn_module() -> Any:
-    from .libvirt import _libvirt
-    return _libvirt()
+    return libvirtbindings.load()
 
 
 def _end_our_job(libvirt: Any, dom: Any, token: str | None = None) -> bool:
