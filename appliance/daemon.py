@@ -7,6 +7,8 @@ Each part has one job, in a module named for it:
 - `uploads`: the local API's uploads, forwarded through the one shaper;
 - `linkloop`: the long-poll of the control plane, folded into the state;
 - `hypervisoragent`: hypervisor tests and inventory syncs the control plane asks for;
+- `jobrunner` (+ `joblink`, `backupjob`, `restorejob`): the backup and restore jobs the
+  control plane gives the gateway, their chunks sent through the same shaper;
 - `statusview`: what the local API shows;
 - `listeners`: the port-80 sockets serving the activation page;
 - `clockwatch`: a step of the wall clock, so the shaper re-reads it;
@@ -34,6 +36,8 @@ from appliance.config import Settings
 from appliance.gatewaystate import GatewayState
 from appliance.hypervisoragent import HypervisorAgent
 from appliance.hypervisors import connector_for
+from appliance.joblink import JobLink
+from appliance.jobrunner import JobRunner
 from appliance.keyissuer import KeyIssuer
 from appliance.link import LinkClient
 from appliance.linkloop import LinkLoop
@@ -68,6 +72,8 @@ class Daemon:
         listeners: Listeners,
         clock: ClockWatch,
         hypervisors: HypervisorAgent,
+        job_link: JobLink,
+        jobs: JobRunner,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -81,6 +87,8 @@ class Daemon:
         self.listeners = listeners
         self.clock = clock
         self.hypervisors = hypervisors
+        self.job_link = job_link
+        self.jobs = jobs
         self._stop = asyncio.Event()
 
     @classmethod
@@ -118,7 +126,10 @@ class Daemon:
             gateway, link, seal,
             connect=functools.partial(connector_for,
                                       ca_file=None if ca_file is None else str(ca_file)))
-        link_loop = LinkLoop(link, gateway, settings.link_retry_max, hypervisors.offer)
+        job_link = JobLink(url, identity, shaper)
+        jobs = JobRunner(job_link, hypervisors.backup_connector)
+        link_loop = LinkLoop(link, gateway, settings.link_retry_max, hypervisors.offer,
+                             jobs.offer)
         keys = KeyIssuer(link, gateway, wake_poll=link_loop.wake)
         return cls(
             settings=settings,
@@ -130,10 +141,12 @@ class Daemon:
             keys=keys,
             uploads=Uploads(url, identity, gateway, shaper, wake_poll=link_loop.wake),
             views=StatusView(identity, link, gateway, shaper, url,
-                             syncing=lambda: hypervisors.syncing),
+                             syncing=lambda: hypervisors.syncing, jobs=jobs.summary),
             listeners=Listeners(settings.listen, ActivationServer(keys.issue)),
             clock=ClockWatch(lambda _step: gateway.resync_clock("watcher")),
             hypervisors=hypervisors,
+            job_link=job_link,
+            jobs=jobs,
         )
 
     def local_api(self) -> localapi.Backend:
@@ -148,6 +161,7 @@ class Daemon:
             default_region=self.views.default_region,
             clock_stepped=self.clock_stepped,
             test_hypervisor=self.hypervisors.test_now,
+            jobs=self.jobs.view,
             control_plane_host=self.settings.control_plane_host,
             control_plane_port=self.settings.control_plane_port,
         )
@@ -168,8 +182,10 @@ class Daemon:
         self.shaper.start()
         tasks: list[asyncio.Task[None]] = []
         async with contextlib.AsyncExitStack() as parts:
-            # Closed in reverse: uploads' session, link, shaper, local API, listeners, tasks.
+            # Closed in reverse: uploads' session, job link, link, shaper, local API,
+            # listeners, tasks (the jobs among them).
             parts.push_async_callback(self.uploads.close)
+            parts.push_async_callback(self.job_link.close)
             parts.push_async_callback(self.link.close)
             parts.callback(self.shaper.close)
             bound = await self.listeners.start()
@@ -207,3 +223,6 @@ class Daemon:
         self.uploads.cancel()
         await self.hypervisors.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # No poll runs now, so no list restarts a job: each stops quietly, ends its session
+        # on the hypervisor, and is given back by the control plane after the restart.
+        await self.jobs.close()

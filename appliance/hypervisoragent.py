@@ -25,10 +25,18 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from appliance.gatewaystate import GatewayState
-from appliance.hypervisors import Connector, DiscoveredVm, HypervisorError, Target, connector_for
+from appliance.hypervisors import (
+    HYPERVISOR_ERROR,
+    Connector,
+    DiscoveredVm,
+    HypervisorError,
+    Target,
+    connector_for,
+)
+from appliance.hypervisors.model import BackupConnector
 from appliance.link import (
     Backoff,
     HypervisorOrder,
@@ -299,6 +307,33 @@ class HypervisorAgent:
         await asyncio.gather(*self._tests, return_exceptions=True)
 
     # -- in worker threads ------------------------------------------------------------------
+
+    def backup_connector(self, hypervisor_arn: str) -> BackupConnector:
+        """A connector to the associated hypervisor for a backup or restore job (in a worker
+        thread: the password is opened here, in memory). HypervisorError when the gateway
+        is not associated with `hypervisor_arn`, its password has not arrived, or the
+        connector cannot back up."""
+        st = self._gateway.state
+        if st.hypervisor_arn is None or st.hypervisor_host is None:
+            raise HypervisorError(HYPERVISOR_ERROR, "this gateway is not associated with a "
+                                  "hypervisor; associate it with AssociateGatewayToServer")
+        if st.hypervisor_arn != hypervisor_arn:
+            raise HypervisorError(HYPERVISOR_ERROR, f"the job's hypervisor {hypervisor_arn} "
+                                  f"is not the one this gateway is associated with "
+                                  f"({st.hypervisor_arn})")
+        if st.hypervisor_password is None and st.hypervisor_password_pending:
+            raise HypervisorError(HYPERVISOR_ERROR, "the gateway has not yet received the "
+                                  "hypervisor password sealed to it")
+        try:
+            connector = self._connected(st.hypervisor_host, st.hypervisor_username,
+                                        st.hypervisor_password)
+        except sealed.SealError as exc:
+            raise HypervisorError(HYPERVISOR_ERROR, f"the hypervisor password could not be "
+                                  f"opened ({exc}); re-import it") from None
+        if not callable(getattr(connector, "begin_backup", None)):
+            raise HypervisorError(HYPERVISOR_ERROR, f"the {type(connector).__name__} cannot "
+                                  "back up or restore VMs")
+        return cast(BackupConnector, connector)
 
     def _connected(self, host: str, username: str | None,
                    box: Mapping[str, Any] | None) -> Connector:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,8 @@ class PollAnswer:
     software_update_request: int
     hypervisor: HypervisorOrder | None = None
     tests: tuple[TestRequest, ...] = ()
+    jobs: tuple[JobOrder, ...] = ()
+    jobs_dropped: int = 0  # entries of `jobs` without a usable job id
 
     @classmethod
     def from_json(cls, doc: Any) -> PollAnswer:
@@ -160,10 +163,169 @@ class PollAnswer:
             if not isinstance(tests, list):
                 raise TypeError
             requests = tuple(TestRequest.from_json(t) for t in tests)
+            jobs, dropped = _jobs(doc.get("jobs"))
         except (KeyError, TypeError):
             raise LinkError("poll answer does not follow docs/link-protocol.md") from None
         return cls(version, state, texts[0], texts[1], texts[2], intervals, update,
-                   hypervisor, requests)
+                   hypervisor, requests, jobs, dropped)
+
+
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # it goes into URL paths
+JOB_TYPES = ("BACKUP", "RESTORE")
+JOB_STATES = ("RUNNING", "ABORTING")
+MAX_JOBS_LISTED = 64  # the control plane lists at most 4; anything far beyond is not a list
+VM_UUID_RE = re.compile(r"[!-~]{1,128}")  # the inventory's rule: printable ASCII, no spaces
+
+
+class JobFieldError(ValueError):
+    """One field of a job in the poll answer breaks docs/backups.md; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _job_text(doc: dict[str, Any], key: str, where: str, max_len: int = 2048,
+              optional: bool = False) -> Any:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len or not value.isprintable():
+        raise JobFieldError(f"{where}{key}", f"must be 1-{max_len} printable characters")
+    return value
+
+
+@dataclass(frozen=True)
+class JobOrder:
+    """One entry of the poll answer's `jobs` (docs/backups.md): a job this gateway must run
+    (RUNNING) or stop (ABORTING).
+
+    `invalid` is set (and the job is not run) when the entry names a usable job id but
+    another field breaks the protocol: the runner then fails the job with that message, so
+    a job the gateway cannot read ends visibly instead of being held RUNNING by our polls.
+    """
+
+    job_id: str
+    type: str
+    state: str
+    hypervisor_arn: str = ""
+    vm_uuid: str | None = None          # BACKUP: the VM to back up
+    vm_name: str | None = None
+    base_recovery_point: str | None = None   # BACKUP: incremental from this point...
+    base_checkpoint: str | None = None       # ...and this hypervisor checkpoint
+    recovery_point_arn: str | None = None    # RESTORE: the point to restore
+    restore_name: str | None = None          # RESTORE: the new VM's name
+    restore_options: dict[str, str] = field(default_factory=dict)
+    invalid: str | None = None
+
+    @classmethod
+    def from_json(cls, doc: Any) -> JobOrder:
+        """The job, checked field by field; TypeError when not even its id is usable."""
+        if not isinstance(doc, dict):
+            raise TypeError
+        job_id = doc.get("jobId")
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+            raise TypeError
+        kind = doc.get("type")
+        try:
+            return cls._checked(job_id, doc)
+        except JobFieldError as exc:
+            return cls(job_id, kind if kind in JOB_TYPES else "BACKUP",
+                       doc.get("state") if doc.get("state") in JOB_STATES else "RUNNING",
+                       invalid=f"the gateway cannot read this job from its control plane: "
+                               f"{exc}")
+
+    @classmethod
+    def _checked(cls, job_id: str, doc: dict[str, Any]) -> JobOrder:
+        kind, state = doc.get("type"), doc.get("state")
+        if kind not in JOB_TYPES:
+            raise JobFieldError("type", f"must be one of {', '.join(JOB_TYPES)}")
+        if state not in JOB_STATES:
+            raise JobFieldError("state", f"must be one of {', '.join(JOB_STATES)}")
+        arn = _job_text(doc, "hypervisorArn", "")
+        if kind == "BACKUP":
+            vm = doc.get("vm")
+            if not isinstance(vm, dict):
+                raise JobFieldError("vm", "must be an object {uuid, name}")
+            uuid = vm.get("uuid")
+            if not isinstance(uuid, str) or not VM_UUID_RE.fullmatch(uuid):
+                raise JobFieldError("vm.uuid", "must be 1-128 printable ASCII characters "
+                                    "without spaces")
+            name = _job_text(vm, "name", "vm.", 100)
+            base = doc.get("base")
+            point = checkpoint = None
+            if base is not None:
+                if not isinstance(base, dict):
+                    raise JobFieldError("base", "must be an object or null")
+                point = _job_text(base, "recoveryPointArn", "base.")
+                checkpoint = _job_text(base, "checkpoint", "base.", 256, optional=True)
+            return cls(job_id, kind, state, arn, vm_uuid=uuid, vm_name=name,
+                       base_recovery_point=point, base_checkpoint=checkpoint)
+        point = _job_text(doc, "recoveryPointArn", "")
+        restore = doc.get("restore")
+        if not isinstance(restore, dict):
+            raise JobFieldError("restore", "must be an object {name, options}")
+        name = _job_text(restore, "name", "restore.", 80)
+        options = restore.get("options") or {}
+        if not isinstance(options, dict) or len(options) > 32 or not all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64 and len(v) <= 1024
+            for k, v in options.items()
+        ):
+            raise JobFieldError("restore.options", "must be an object of at most 32 string "
+                                "keys and string values")
+        return cls(job_id, kind, state, arn, recovery_point_arn=point, restore_name=name,
+                   restore_options=dict(options))
+
+
+def _jobs(doc: Any) -> tuple[tuple[JobOrder, ...], int]:
+    """The poll answer's `jobs` and how many entries were dropped: an entry without a usable
+    job id (or a repeated one) cannot be run or reported, so it is dropped and counted (the
+    link loop logs the count); the others are kept, malformed ones marked `invalid`."""
+    if doc is None:
+        return (), 0
+    if not isinstance(doc, list) or len(doc) > MAX_JOBS_LISTED:
+        raise TypeError
+    out: list[JobOrder] = []
+    seen: set[str] = set()
+    for item in doc:
+        try:
+            order = JobOrder.from_json(item)
+        except TypeError:
+            continue
+        if order.job_id not in seen:
+            seen.add(order.job_id)
+            out.append(order)
+    return tuple(out), len(doc) - len(out)
+
+
+def new_session(timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
+    """A session for the link: no cookie jar, no env proxies (it goes straight to the
+    configured URL). Shared by the poll client and the job link."""
+    if timeout is None:
+        return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+    return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+                                 timeout=timeout)
+
+
+def signed_headers(identity: Identity, method: str, path: str, body: bytes | None,
+                   content_type: str = "application/json") -> dict[str, str]:
+    """The link's signature headers (docs/link-protocol.md) and the content type; `body`
+    None signs UNSIGNED-PAYLOAD (chunk uploads: the chunk id names the content)."""
+    digest = linkproto.UNSIGNED_PAYLOAD if body is None else linkproto.body_sha256(body)
+    headers = identity.sign(method, path, digest)
+    headers["Content-Type"] = content_type
+    return headers
+
+
+def refused(status: int, doc: Any) -> Refused:
+    """A 4xx error answer (`{"error", "message"}`) as Refused."""
+    doc = doc if isinstance(doc, dict) else {}
+    return Refused(
+        status,
+        str(doc.get("error", f"HTTP{status}")),
+        str(doc.get("message", f"HTTP {status}"))[:300],
+        doc.get("gatewayArn") if isinstance(doc.get("gatewayArn"), str) else None,
+    )
 
 
 class LinkClient:
@@ -184,16 +346,12 @@ class LinkClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # No cookie jar, no env proxies: the link goes straight to the configured URL.
-            self._session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
-            )
+            self._session = new_session()
         return self._session
 
     async def _post(self, path: str, payload: dict[str, Any], timeout: float) -> Any:
         body = json.dumps(payload).encode()
-        headers = self.identity.sign("POST", path, linkproto.body_sha256(body))
-        headers["Content-Type"] = "application/json"
+        headers = signed_headers(self.identity, "POST", path, body)
         url = self.base_url + path
         try:
             async with self._get_session().post(
@@ -220,13 +378,7 @@ class LinkClient:
         except ValueError:
             raise LinkError(f"control plane answered HTTP {status} with a non-JSON body") from None
         if status != 200:
-            doc = doc if isinstance(doc, dict) else {}
-            raise Refused(
-                status,
-                str(doc.get("error", f"HTTP{status}")),
-                str(doc.get("message", f"HTTP {status}"))[:300],
-                doc.get("gatewayArn") if isinstance(doc.get("gatewayArn"), str) else None,
-            )
+            raise refused(status, doc)
         return doc
 
     def _failed(self, message: str) -> None:

@@ -17,6 +17,7 @@ from appliance.link import (
     POLL_WAIT,
     Backoff,
     HypervisorOrder,
+    JobOrder,
     LinkClient,
     LinkError,
     PollAnswer,
@@ -36,6 +37,7 @@ def _lapsed(exc: LinkError) -> bool:
 
 
 HypervisorSink = Callable[[HypervisorOrder | None, Sequence[TestRequest]], None]
+JobSink = Callable[[Sequence[JobOrder]], None]
 
 
 class LinkLoop:
@@ -47,12 +49,16 @@ class LinkLoop:
         gateway: GatewayState,
         retry_max: float,
         hypervisors: HypervisorSink | None = None,
+        jobs: JobSink | None = None,
     ) -> None:
-        """`hypervisors` is handed each answer's hypervisor part (the hypervisor agent)."""
+        """`hypervisors` is handed each answer's hypervisor part (the hypervisor agent),
+        `jobs` each activated answer's job list (the job runner; an empty list once the
+        gateway is deleted, so its jobs stop)."""
         self._link = link
         self._gateway = gateway
         self._retry_max = retry_max
         self._hypervisors = hypervisors
+        self._jobs = jobs
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -98,10 +104,24 @@ class LinkLoop:
                 self.apply_poll(answer)
                 if self._hypervisors is not None and answer.state != "deleted":
                     self._hypervisors(answer.hypervisor, answer.tests)
+                self._offer_jobs(answer)
             except OSError as exc:  # e.g. a full disk: keep the old state, retry the poll
                 delay = backoff.next_delay()
                 log.error("event=state_write_failed delay=%.1f reason=%s", delay, str(exc))
                 await sleep_or_wake(self._wake, delay)
+
+    def _offer_jobs(self, answer: PollAnswer) -> None:
+        """The answer's jobs to the runner: only once activated (a pending gateway's list is
+        ignored), none once deleted."""
+        if answer.jobs_dropped:
+            log.warning("event=jobs_dropped count=%d reason=no_usable_job_id",
+                        answer.jobs_dropped)
+        if self._jobs is None:
+            return
+        if answer.state == "activated":
+            self._jobs(answer.jobs)
+        elif answer.state == "deleted":
+            self._jobs(())
 
     def apply_poll(self, answer: PollAnswer) -> None:
         """Fold one poll answer into the state, written once, atomically."""

@@ -72,6 +72,7 @@ class Backend:
     control_plane_port: int
     # POST /v1/hypervisor/test: the outcome, or LocalError (409 NotAssociated)
     test_hypervisor: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    jobs: View | None = None  # GET /v1/jobs: the backup and restore jobs, running and waiting
 
 
 @web.middleware
@@ -183,6 +184,12 @@ def make_app(backend: Backend) -> web.Application:
         except LocalError as exc:
             return error(exc.status, exc.code, exc.message, exc.field)
 
+    async def jobs(_: web.Request) -> web.Response:
+        if backend.jobs is None:
+            return web.json_response({"running": 0, "waiting": 0, "maxRunning": 0,
+                                      "jobs": []})
+        return web.json_response(backend.jobs())
+
     def refused(name: str, exc: UploadRefused) -> web.Response:
         log.warning("event=upload_refused name=%s status=%d error=%s", name[:200], exc.status,
                     exc.code)
@@ -256,6 +263,7 @@ def make_app(backend: Backend) -> web.Application:
     route(app, "/v1/uploads/{name}", {"PUT": upload}, upload_expect)
     route(app, "/v1/clock-stepped", {"POST": clock_stepped})
     route(app, "/v1/hypervisor/test", {"POST": hypervisor_test})
+    route(app, "/v1/jobs", {"GET": jobs})
 
     async def unknown(request: web.Request) -> web.Response:
         raise web.HTTPNotFound()

@@ -29,6 +29,7 @@ class StatusView:
         shaper: ScheduledShaper,
         control_plane_url: str,
         syncing: Callable[[], bool] = lambda: False,
+        jobs: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self._identity = identity
         self._link = link
@@ -36,6 +37,7 @@ class StatusView:
         self._shaper = shaper
         self._url = control_plane_url
         self._syncing = syncing
+        self._jobs = jobs
 
     def status(self) -> dict[str, Any]:
         st = self._gateway.state
@@ -63,6 +65,7 @@ class StatusView:
             },
             "shaping": self._shaper.status(),
             "hypervisor": self.hypervisor(),
+            "jobs": self._jobs() if self._jobs is not None else None,
         }
 
     def hypervisor(self) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.console import (
     activation,
@@ -78,6 +79,18 @@ def _setup_logging(log_file: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
+def jobs_header_line(jobs: Any) -> str:
+    """'Jobs: 2 running, 1 waiting' (backups and restores; the daemon runs at most 4)."""
+    if not isinstance(jobs, dict):
+        return "Jobs: unknown"
+    running, waiting = jobs.get("running"), jobs.get("waiting")
+    if not isinstance(running, int) or not isinstance(waiting, int):
+        return "Jobs: unknown"
+    if running == waiting == 0:
+        return "Jobs: none running"
+    return f"Jobs: {running} running, {waiting} waiting"
+
+
 def header_lines(ctx: Context) -> list[str]:
     status, reason = ctx.status()
     version = (status or {}).get("softwareVersion") or __version__
@@ -95,6 +108,7 @@ def header_lines(ctx: Context) -> list[str]:
         lines.append(bandwidth.header_line(status.get("shaping")))
         if status.get("activated"):
             lines.append(hypervisor.header_line(status.get("hypervisor")))
+            lines.append(jobs_header_line(status.get("jobs")))
     adapters = netinfo.list_adapters()
     for adapter in adapters:
         lines.append(f"{adapter.name}: {', '.join(adapter.addresses) or 'no address'}")
