@@ -129,9 +129,15 @@ class LinkOps:
         registrations: RegistrationThrottle | None = None,
         secrets_at_rest: SecretsAtRest | None = None,
         tests: PendingTests | None = None,
+        jobs: Callable[[str], list[dict[str, Any]]] = lambda gateway_id: [],
+        on_poll: Callable[[Identity], None] = lambda identity: None,
     ) -> None:
         """`secrets_at_rest` and `tests` are shared with the API (operations.py): the
-        passwords it stored, the tests it is waiting on."""
+        passwords it stored, the tests it is waiting on. `jobs(gateway_id)` is the poll's
+        "jobs" (joblink.py) and `on_poll` runs after each poll's heartbeat (the job
+        scheduler: a gateway just heard from may take jobs, docs/backups.md)."""
+        self.jobs = jobs
+        self.on_poll = on_poll
         self.secrets = secrets_at_rest or SecretsAtRest.ephemeral()
         self.tests = tests or PendingTests()
         self.store = store
@@ -278,6 +284,7 @@ class LinkOps:
             if raw != identity.seal_key and self.store.set_seal_key(identity.key_id, raw):
                 log.info("event=seal_key_recorded key_id=%s", identity.key_id)
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
+        self.on_poll(identity)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(wait)
         while True:
@@ -318,6 +325,7 @@ class LinkOps:
                  **self._sealed_password(identity, t.password)}
                 for t in self.tests.for_gateway(key_id)
             ] if live else [],
+            "jobs": self.jobs(gateway.gateway_id) if live and gateway is not None else [],
         }
 
     def _hypervisor_view(self, identity: Identity, hypervisor: Hypervisor) -> dict[str, Any]:

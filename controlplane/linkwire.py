@@ -88,6 +88,30 @@ class LinkWire:
 
         return run
 
+    # -- for the link's other route sets (controlplane/joblink.py) ------------------------
+
+    def wrap(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """`handler` with this link's error mapping and housekeeping."""
+        return self._wrap(handler)
+
+    async def answer(self, request: web.Request, handler: Handler
+                     ) -> web.StreamResponse | None:
+        return await self._answer(request, handler)
+
+    def signed_by(self, request: web.Request) -> tuple[Identity, str]:
+        """The registered identity that signed `request` (its nonce now used up) and the
+        body hash the signature declares (checked by the caller once the body is read)."""
+        identity = self._identity(request)
+        return identity, self._verify(request, identity.public_key, identity.key_id)
+
+    async def signed_json(self, request: web.Request, limit: int = MAX_JSON_BODY
+                          ) -> tuple[Identity, dict[str, Any]]:
+        return await self._signed_json(request, limit)
+
+    @staticmethod
+    def check_body_hash(declared: str, body: bytes) -> None:
+        LinkWire._check_body_hash(declared, body)
+
     # -- authentication -------------------------------------------------------------------
 
     def _verify(self, request: web.Request, public_raw: bytes, key_id: str) -> str:
@@ -123,7 +147,7 @@ class LinkWire:
                          ) -> tuple[bytes, dict[str, Any]]:
         if request.content_length is not None and request.content_length > limit:
             raise LinkError(413, "ValidationError", f"body: larger than {limit} bytes")
-        body = await _read_at_most(request, limit + 1)
+        body = await read_at_most(request, limit + 1)
         if len(body) > limit:
             raise LinkError(413, "ValidationError", f"body: larger than {limit} bytes")
         try:
@@ -249,7 +273,7 @@ def _replace_param(request: web.Request) -> bool:
     return bool(values) and values[0] == "true"
 
 
-async def _read_at_most(request: web.Request, limit: int) -> bytes:
+async def read_at_most(request: web.Request, limit: int) -> bytes:
     """Up to `limit` bytes of the body: `StreamReader.read(n)` may return one chunk at a
     time, so a large body takes several reads."""
     chunks: list[bytes] = []

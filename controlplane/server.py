@@ -27,18 +27,24 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from controlplane import atrest, credentials
+from controlplane.backupops import BackupApi
+from controlplane.backupstore import BackupStore
 from controlplane.blobstore import BlobStore
 from controlplane.clock import Clock, SystemClock
 from controlplane.errors import ApiError
+from controlplane.joblink import JobLink, JobOps
+from controlplane.jobscheduler import JobScheduler, JobTimings
 from controlplane.linkops import LinkOps
 from controlplane.linkwire import LinkWire
 from controlplane.operations import TEST_TIMEOUT_SECONDS, BackupGatewayApi
 from controlplane.pendingtests import PendingTests
 from controlplane.pollhub import PollHub
 from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
+from controlplane.restjson import RestJsonApi
 from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
+from controlplane.vaults import Vaults
 from gatewaycore.connguard import ConnectionGuard, Ticket, quiet_resource_errors
 
 log = logging.getLogger("controlplane")
@@ -314,11 +320,13 @@ class ControlPlane:
         guard: ConnectionGuard | None = None,
         hub: PollHub | None = None,
         hypervisor_test_timeout: float = TEST_TIMEOUT_SECONDS,
+        job_timings: JobTimings | None = None,
     ) -> None:
         """`clock` is business time (key expiry, last seen); `wall_clock` checks signatures.
         Tests pass their own clock, throttle, guard or hub (one that reports its waiters),
-        and a short `hypervisor_test_timeout` (how long TestHypervisorConfiguration waits
-        for the gateway's answer)."""
+        a short `hypervisor_test_timeout` (how long TestHypervisorConfiguration waits
+        for the gateway's answer) and short `job_timings` (the job scheduler's slots,
+        lease, takeover deadline and tick)."""
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.credentials_file = credentials_file or state_dir / credentials.FILE_NAME
@@ -333,24 +341,47 @@ class ControlPlane:
         # The key the hypervisor passwords are encrypted under in the database (0600).
         self.secrets = atrest.SecretsAtRest.load_or_create(state_dir / atrest.KEY_FILE)
         self.hypervisor_tests = PendingTests()
-        self.api = BackupGatewayApi(self.store, self.clock, self.hub.notify,
+        # Backups (docs/backups.md): the vaults' bytes, the jobs and points in the same
+        # database, the scheduler that gives jobs to gateways.
+        self.vaults = Vaults(state_dir / "vaults", self.secrets)
+        self.vaults.reconcile()  # what a crash left in the vaults, before any request
+        self.backups = BackupStore(self.store, self.hub.notify)
+        self.scheduler = JobScheduler(self.backups, self.vaults, self.clock, job_timings)
+        self.api = BackupGatewayApi(self.store, self.clock, self._gateway_changed,
                                     secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
                                     test_timeout=hypervisor_test_timeout)
+        self.job_ops = JobOps(self.store, self.backups, self.vaults, self.scheduler,
+                              self.clock)
         self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock,
-                                secrets_at_rest=self.secrets, tests=self.hypervisor_tests)
+                                secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
+                                jobs=self.job_ops.poll_jobs,
+                                on_poll=lambda identity: self.scheduler.polled(
+                                    identity.gateway_id))
         self.link_ops.housekeep()
         self.link = LinkWire(self.link_ops)
+        self.job_link = JobLink(self.link, self.job_ops)
         creds = credentials.CredentialFile(self.credentials_file)
         self.json_api = JsonApi(self.api, creds.secret, wall_clock, throttle)
+        self.backup_api = BackupApi(self.store, self.backups, self.vaults, self.scheduler,
+                                    self.clock)
+        self.rest_api = RestJsonApi(self.backup_api, creds.secret, wall_clock, throttle)
         self.guard = guard or default_guard()
         self._runner: web.AppRunner | None = None
         logging.getLogger("aiohttp.server").addFilter(_ONE_LINE_ERRORS)
         compile_pattern(r"([\p{L}\p{Z}\p{N}_.:/=+\-@]*)")  # build the Unicode tables now
 
+    def _gateway_changed(self, key_id: str) -> None:
+        """A backup-gateway call changed a gateway (created, associated, deleted...): wake
+        its poll, and let the scheduler look again (its jobs may move, or it may take some)."""
+        self.hub.notify(key_id)
+        self.scheduler.kick()
+
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_API_BODY)
         app.router.add_routes(self.json_api.routes())  # POST / and the rpcv2Cbor path
         app.router.add_routes(self.link.routes())
+        app.router.add_routes(self.job_link.routes())
+        app.router.add_routes(self.rest_api.routes())  # AWS Backup (restJson1)
         return app
 
     async def start(
@@ -378,13 +409,17 @@ class ControlPlane:
         site = GuardedSite(self._runner, sock, self.guard, ssl_context=tls,
                            backlog=ACCEPT_BACKLOG, **(timeout if where == "site" else {}))
         await site.start()
+        await self.scheduler.resume_deletes()  # point deletes a crash interrupted
+        self.scheduler.start()
         bound = sock.getsockname()
         return bound[0], bound[1]
 
     async def stop(self) -> None:
         self.hub.close()
+        await self.scheduler.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.vaults.close()
         self.blobs.close()
         self.store.close()

@@ -415,6 +415,19 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    # A companion store keeps other tables in this file (controlplane/backupstore.py): it
+    # reads through this connection and writes through these transactions, so its writes
+    # and ours are serialized alike and one transaction may span both (a job and the VM's
+    # LastBackupDate).
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._db
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception), durable on return."""
+        return self._tx()
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")
