@@ -174,9 +174,11 @@ class ControlPlane:
             env.pop(key, None)
         return env
 
-    def aws(self, *args: str, region: str = "us-west-2", check: bool = True) -> Any:
-        """Run the real AWS CLI against this control plane; parsed JSON output."""
-        argv = [str(Path(PYTHON).parent / "aws"), "backup-gateway", *args,
+    def aws(self, *args: str, region: str = "us-west-2", check: bool = True,
+            service: str = "backup-gateway") -> Any:
+        """Run the real AWS CLI against this control plane (`aws SERVICE ARGS...`, the
+        backup-gateway API unless `service="backup"`); parsed JSON output."""
+        argv = [str(Path(PYTHON).parent / "aws"), service, *args,
                 "--endpoint-url", self.url, "--region", region, "--output", "json"]
         done = subprocess.run(argv, env=self.aws_env(), capture_output=True, text=True,
                               timeout=60, check=False)
