@@ -1,5 +1,6 @@
 """A demo KVM host for the README: a private libvirtd on this machine's loopback, with two
-small domains to discover, that the appliance (in `make run`'s VM, or on a laptop) imports.
+small domains to discover and back up, that the appliance (in `make run`'s VM, or on a
+laptop) imports.
 
     python -m tools.demohypervisor start [--port 16509] [--listen 127.0.0.1]
     python -m tools.demohypervisor password     # prints the SASL password again
@@ -9,7 +10,8 @@ It is the daemon the tests use (tools/libvirtd.py): libvirtd in a mount namespac
 so nothing lands in the machine's libvirt; hence it must run as root. SASL user `demo`, with a
 password made at `start`, printed once and kept (0600) in the state directory so `password`
 can print it again. The two domains (`demo-web`, `demo-db`) are defined, never started: they
-have an empty disk and no OS, and are there to be listed. `start` returns once the daemon
+have no OS and a 16 MiB disk with 3 MiB of data (a backup starts a stopped domain paused
+while it reads); restores write to the storage pool `default`. `start` returns once the daemon
 listens, leaving it running on its own; `stop` stops it by the PID `start` recorded.
 """
 
@@ -105,6 +107,8 @@ def start(directory: Path, listen: str, port: int) -> int:
     try:
         for name, tags in DOMAINS:
             daemon.define(name, tags)
+            daemon.write_data(name, name.encode())
+        daemon.ensure_pool("default")
     except BaseException:
         daemon.stop()
         raise

@@ -18,6 +18,7 @@ connection, and SCRAM has none; with TLS (qemu+tls) SCRAM-SHA-256 would do.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -105,6 +106,43 @@ class Libvirtd:
         finally:
             conn.close()
         return dom_uuid
+
+    def ensure_pool(self, name: str = "default") -> None:
+        """A dir storage pool `name` (in this daemon's directory), defined and active:
+        where restores write the new VMs' disks."""
+        import libvirt
+
+        pool_dir = self.root / f"pool-{name}"
+        pool_dir.mkdir(exist_ok=True)
+        conn = libvirt.open(self.admin_uri)
+        try:
+            try:
+                pool = conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError:
+                pool = conn.storagePoolDefineXML(
+                    f"<pool type='dir'><name>{name}</name><target><path>{pool_dir}</path>"
+                    "</target></pool>")
+            if not pool.isActive():
+                pool.create()
+        finally:
+            conn.close()
+
+    def write_data(self, name: str, seed: bytes, writes: tuple[tuple[int, int], ...] = (
+            (1 << 20, 1 << 20), (8 << 20, 2 << 20))) -> None:
+        """Data in a defined, stopped domain's disk (from define()): at each (offset, length),
+        bytes made from `seed` (SHA-256 in counter mode: incompressible, reproducible), so a
+        backup has something to send. Written with qemu-io while QEMU does not run."""
+        disk = self.domains_dir / f"{name}.qcow2"
+        blob = self.domains_dir / f"{name}.data"
+        try:
+            for offset, length in writes:
+                blob.write_bytes(b"".join(hashlib.sha256(seed + i.to_bytes(8, "big")).digest()
+                                          for i in range(length // 32)))
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                                f"write -s {blob} {offset} {length}", str(disk)],
+                               check=True, stdout=subprocess.DEVNULL)
+        finally:
+            blob.unlink(missing_ok=True)
 
     def undefine(self, name: str) -> None:
         import libvirt

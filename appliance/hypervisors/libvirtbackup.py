@@ -156,6 +156,11 @@ def backup_xml(disks: list[SourceDisk], skipped_keys: list[str], address: str, p
             "</domainbackup>")
 
 
+def wildcard(address: str) -> str:
+    """The any-address of `address`'s family (an IPv6 literal has a colon)."""
+    return "::" if ":" in address else "0.0.0.0"
+
+
 def checkpoint_xml(name: str, disks: list[SourceDisk], skipped_keys: list[str]) -> str:
     """The <domaincheckpoint> taken with the backup: a bitmap in every backed-up disk."""
     items = [f"<disk name={quoteattr(d.key)} checkpoint='bitmap'/>" for d in disks]
@@ -628,26 +633,38 @@ def _begin_job(connector: LibvirtConnector, conn: Any, dom: Any, name: str, vm_u
     first = NBD_PORTS.start + secrets.randbelow(len(NBD_PORTS))
     ports = [NBD_PORTS.start + (first - NBD_PORTS.start + i) % len(NBD_PORTS)
              for i in range(len(NBD_PORTS))]
-    for port in ports:
-        xml = backup_xml(disks, skipped_keys, connector.nbd_address, port, scratch, incremental)
+    listen = connector.nbd_address
+    tries = iter(ports)
+    port = next(tries)
+    while True:
+        xml = backup_xml(disks, skipped_keys, listen, port, scratch, incremental)
         try:
             dom.backupBegin(xml, cp_xml, 0)
             break
         except libvirt.libvirtError as exc:
             text = exc.get_error_message() or ""
             if "Address already in use" in text or "available port" in text:
+                port = next(tries, 0)
+                if not port:
+                    raise HypervisorError(
+                        HYPERVISOR_ERROR, "no free NBD port for the backup on the hypervisor "
+                        f"({NBD_PORTS.start}-{NBD_PORTS.stop - 1} all in use)") from None
+                continue
+            if "Cannot assign requested address" in text and listen != wildcard(listen):
+                # The address the gateway reaches the hypervisor on is not one of the
+                # hypervisor's own: a NAT or relay is in between (make run's VM reaches the
+                # host through QEMU's 10.0.2.101). Listen on every address instead.
+                log.warning("event=nbd_listen_wildcard vm=%s address=%s", name, listen)
+                listen = wildcard(listen)
                 continue
             if incremental is None:
                 raise
             # the base's bitmap is missing or broken in a disk (a disk replaced or added)
             note = f"incremental from checkpoint {incremental} refused ({text[:200]}): full"
             incremental = None
-            xml = backup_xml(disks, skipped_keys, connector.nbd_address, port, scratch, None)
+            xml = backup_xml(disks, skipped_keys, listen, port, scratch, None)
             dom.backupBegin(xml, cp_xml, 0)
             break
-    else:
-        raise HypervisorError(HYPERVISOR_ERROR, f"no free NBD port for the backup on the "
-                              f"hypervisor ({NBD_PORTS.start}-{NBD_PORTS.stop - 1} all in use)")
     port, exports = running_backup(dom.backupGetXMLDesc(0))
     by_key = {e.key: e for e in exports}
     vm_config = {

@@ -23,22 +23,7 @@ def admin(daemon: libvirtd.Libvirtd) -> object:
 
 def ensure_default_pool(daemon: libvirtd.Libvirtd) -> None:
     """A "default" dir storage pool on the daemon, active (restores write there)."""
-    import libvirt
-
-    pool_dir = daemon.root / "pool-default"
-    pool_dir.mkdir(exist_ok=True)
-    conn = libvirt.open(daemon.admin_uri)
-    try:
-        try:
-            pool = conn.storagePoolLookupByName("default")
-        except libvirt.libvirtError:
-            pool = conn.storagePoolDefineXML(
-                f"<pool type='dir'><name>default</name><target><path>{pool_dir}</path>"
-                "</target></pool>")
-        if not pool.isActive():
-            pool.create()
-    finally:
-        conn.close()
+    daemon.ensure_pool("default")
 
 
 class Vm:

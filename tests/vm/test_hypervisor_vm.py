@@ -4,9 +4,10 @@ A private libvirtd (tools/libvirtd.py, the README's demo hypervisor's daemon) li
 port of the host's loopback with two domains defined; the guest boots with the second relay
 (tools/image/vm.py: its 10.0.2.101:16509 to that port) and is activated; the hypervisor is
 imported as `qemu+tcp://10.0.2.101:16509/system` with the real AWS CLI and associated. What
-this proves beyond tests/integration/test_hypervisor_agent.py: the image's python3-libvirt and
-SASL modules, and the daemon under its hardened unit (its own user, one capability, a syscall
-filter, MemoryDenyWriteExecute) can load libvirt, reach the host and log in.
+this proves beyond tests/integration/test_hypervisor_agent.py: the image's python3-libvirt,
+python3-libnbd and SASL modules, and the daemon under its hardened unit (its own user, one
+capability, a syscall filter, MemoryDenyWriteExecute) can load libvirt, reach the host, log
+in, read a backup's NBD export through the relays and restore through libvirt's streams.
 
 Each test asks this module's fixtures for what it needs (the host's libvirtd, the guest up,
 its activation, the association), so any test runs alone or in any order.
@@ -14,6 +15,7 @@ its activation, the association), so any test runs alone or in any order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -177,3 +179,73 @@ def test_restrict_on_lets_only_the_two_relays_out(
     assert not _guest_connects(hv_guest, GUEST_HYPERVISOR[0], 22)
     assert not _guest_connects(hv_guest, "10.0.2.101", host_libvirtd.port)
     assert not _guest_connects(hv_guest, "1.1.1.1", 443)
+
+
+def _disk_sha(daemon: libvirtd.Libvirtd, domain: str, tmp: Path) -> str:
+    """SHA-256 of a domain's first disk as raw bytes (qemu-img convert -U)."""
+    import hashlib
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    conn = libvirt.open(daemon.admin_uri)
+    try:
+        root = ET.fromstring(conn.lookupByName(domain).XMLDesc(0))
+    finally:
+        conn.close()
+    source = next(d for d in root.iter("disk") if d.get("device") == "disk").find("source")
+    assert source is not None
+    out = tmp / f"{domain}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", source.get("file", ""),
+                    str(out)], check=True)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+def _job_state(cp: ControlPlane, kind: str, job_id: str) -> dict:
+    if kind == "backup":
+        return dict(cp.aws("describe-backup-job", "--backup-job-id", job_id, service="backup"))
+    return dict(cp.aws("describe-restore-job", "--restore-job-id", job_id, service="backup"))
+
+
+@vm_timeout(ASSOCIATED + SYNC_WAIT + 2 * 180)
+def test_gateway_in_the_vm_backs_up_and_restores(
+    association: Association, vm_control_plane: ControlPlane,
+    host_libvirtd: libvirtd.Libvirtd, tmp_path: Path,
+) -> None:
+    """A backup of a domain on the host, read by the gateway in the VM over NBD through the
+    relays, then restored as a new domain whose disk is byte-identical."""
+    cp = vm_control_plane
+    name, restored = "vm-backup", "vm-backup-restored"
+    host_libvirtd.define(name)
+    host_libvirtd.write_data(name, b"vm-test")
+    host_libvirtd.ensure_pool("default")
+    try:
+        sha = _disk_sha(host_libvirtd, name, tmp_path)
+        cp.aws("start-virtual-machines-metadata-sync", "--hypervisor-arn",
+               association.hypervisor_arn)
+        poll(lambda: name in vm_names(cp, association.hypervisor_arn), SYNC_WAIT,
+             "the new domain after a sync", interval=2)
+        vms = cp.aws("list-virtual-machines", "--hypervisor-arn",
+                     association.hypervisor_arn)["VirtualMachines"]
+        vm_arn = next(vm["ResourceArn"] for vm in vms if vm["Name"] == name)
+        cp.aws("create-backup-vault", "--backup-vault-name", "vm-vault", service="backup")
+        job = cp.aws("start-backup-job", "--backup-vault-name", "vm-vault", "--resource-arn",
+                     vm_arn, "--iam-role-arn", "arn:aws:iam::123456789012:role/backup",
+                     service="backup")["BackupJobId"]
+        done = poll(lambda: (j := _job_state(cp, "backup", job))["State"] in (
+            "COMPLETED", "FAILED", "ABORTED") and j, 180, "the backup job", interval=2)
+        assert done["State"] == "COMPLETED", done
+        assert done["BackupSizeInBytes"] >= 3 * 1024 * 1024, done
+        rjob = cp.aws("start-restore-job", "--recovery-point-arn", done["RecoveryPointArn"],
+                      "--iam-role-arn", "arn:aws:iam::123456789012:role/backup",
+                      "--metadata", f"vmName={restored}", service="backup")["RestoreJobId"]
+        rdone = poll(lambda: (j := _job_state(cp, "restore", rjob))["Status"] in (
+            "COMPLETED", "FAILED", "ABORTED") and j, 180, "the restore job", interval=2)
+        assert rdone["Status"] == "COMPLETED", rdone
+        assert _disk_sha(host_libvirtd, restored, tmp_path) == sha
+    finally:
+        for domain in (restored, name):
+            with contextlib.suppress(Exception):
+                host_libvirtd.undefine(domain)

@@ -132,7 +132,7 @@ def test_make_ovf_refuses_a_mismatched_adapter(tmp_path: Path,
 def test_vm_argv_relays_the_hypervisor_only_when_asked(tmp_path: Path) -> None:
     """restrict=on, one guestfwd per relay: the hypervisor's is there only with a port, and
     its `relay` goes to that port on the host's loopback (commas doubled for QEMU)."""
-    from tools.image.vm import GUEST_HYPERVISOR, VmConfig
+    from tools.image.vm import GUEST_HYPERVISOR, NBD_PORTS, VmConfig
 
     def netdev(cfg: VmConfig) -> str:
         argv = cfg.argv()
@@ -141,7 +141,14 @@ def test_vm_argv_relays_the_hypervisor_only_when_asked(tmp_path: Path) -> None:
     plain = netdev(VmConfig(tmp_path / "o.qcow2", 8080, 8443))
     assert plain.startswith("user,id=net0,restrict=on,") and plain.count("guestfwd=") == 1
     relayed = netdev(VmConfig(tmp_path / "o.qcow2", 8080, 8443, hypervisor_port=23456))
-    assert relayed.count("guestfwd=") == 2 and "restrict=on" in relayed
+    # the control plane, libvirtd, and each of libvirt's NBD backup ports
+    assert relayed.count("guestfwd=") == 2 + len(NBD_PORTS) and "restrict=on" in relayed
     host, port = GUEST_HYPERVISOR
     assert f"guestfwd=tcp:{host}:{port}-cmd:" in relayed
-    assert relayed.endswith(" relay 127.0.0.1 23456")
+    assert " relay 127.0.0.1 23456," in relayed
+    for nbd in (NBD_PORTS[0], NBD_PORTS[-1]):
+        assert f"guestfwd=tcp:{host}:{nbd}-cmd:" in relayed
+        assert f" relay 127.0.0.1 {nbd}" in relayed
+    # the same range the gateway's libvirt backups listen on
+    from appliance.hypervisors import libvirtbackup
+    assert libvirtbackup.NBD_PORTS == NBD_PORTS

@@ -265,13 +265,15 @@ class ControlPlane:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def aws(self, *args: str, region: str = "us-west-2") -> Any:
-        """The real AWS CLI against this control plane, with only its credentials."""
+    def aws(self, *args: str, region: str = "us-west-2", service: str = "backup-gateway"
+            ) -> Any:
+        """The real AWS CLI (`aws SERVICE ...`) against this control plane, with only its
+        credentials."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("AWS_") and not k.lower().endswith("_proxy")}
         env.update(AWS_SHARED_CREDENTIALS_FILE=str(self.state_dir / "credentials"),
                    AWS_CONFIG_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true", AWS_PAGER="")
-        argv = [str(Path(sys.executable).parent / "aws"), "backup-gateway", *args,
+        argv = [str(Path(sys.executable).parent / "aws"), service, *args,
                 "--endpoint-url", self.url, "--region", region, "--output", "json"]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:

@@ -8,7 +8,9 @@ Used by tools/run-vm.sh (`make run`) and by the VM tests, so both boot the image
   80 is forwarded from 127.0.0.1, and the guest's 10.0.2.100:8443 is relayed (guestfwd, one
   `relay` process per connection) to the control plane on the host's loopback; when asked
   (`hypervisor_port`), the guest's 10.0.2.101:16509 is relayed the same way to a libvirtd on
-  the host's loopback (`qemu+tcp://10.0.2.101/system` in the guest), and nothing else is;
+  the host's loopback (`qemu+tcp://10.0.2.101/system` in the guest), with libvirt's NBD
+  backup ports (10809-10872, where a pull-mode backup serves the disks the gateway reads)
+  relayed from 10.0.2.101 to the same ports of the host's loopback, and nothing else is;
 - the control plane's URL handed to the guest as an SMBIOS OEM string, which the image's
   appliance-guestconfig.service writes into the daemon's settings at boot;
 - optionally a virtio-serial port for qemu-guest-agent (what tests use inside the guest) and
@@ -32,6 +34,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# libvirt's backup_port_min..max (qemu.conf): the ports a libvirt backup's NBD server takes
+# (appliance/hypervisors/libvirtbackup.py; a test checks the two agree)
+NBD_PORTS = range(10809, 10873)
 GUEST_CONTROL_PLANE = ("10.0.2.100", 8443)
 # libvirt's own TCP port, so the guest's URI is the same whatever port the host's daemon has
 GUEST_HYPERVISOR = ("10.0.2.101", 16509)
@@ -109,6 +114,9 @@ class VmConfig:
         if self.hypervisor_port is not None:
             hv_host, hv_port = GUEST_HYPERVISOR
             netdev += f",{guestfwd(hv_host, hv_port, self.hypervisor_port)}"
+            # a backup's NBD exports: libvirtbackup listens on every address when the
+            # hypervisor's URI address (10.0.2.101 here) is not the host's own
+            netdev += "".join(f",{guestfwd(hv_host, p, p)}" for p in NBD_PORTS)
         smbios_url = f"{SMBIOS_PREFIX}control_plane_url=http://{cp_host}:{cp_port}"
         accel = "kvm:tcg" if self.accel == "kvm" else self.accel
         argv = [
