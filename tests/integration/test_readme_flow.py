@@ -11,12 +11,14 @@ an edit that breaks a command breaks this test. Only these are replaced:
   `start` a free `--port`), and its address, 127.0.0.1:16509 (10.0.2.101:16509 as the VM of
   `make run` sees it; here the appliance runs on this machine), becomes that port.
 
-The shell variables `ARN` and `HV` are not replaced: the README's own `ARN=$(...)` and
-`HV=$(...)` lines set them. Each command runs in bash from the repository root; `eval`s are
-replayed before the commands after them and an assignment's value is kept, as in the
-reader's shell (the command that made it is not run again). `make run`/`make test` (a VM boot, the
-whole suite) are only checked to be targets the Makefile has. Every command must be one the
-test knows how to check: a new command in these blocks fails it until the test learns it.
+The shell variables (`ARN`, `HV`, `VM`, `JOB`, `RP`, `RESTORE`) are not replaced: the
+README's own `NAME=$(...)` lines set them; a `describe-*-job` is run again until its job is
+COMPLETED, as the README tells the reader to. Each command runs in bash from the repository
+root; `eval`s are replayed before the commands after them and an assignment's value is kept,
+as in the reader's shell (the command that made it is not run again). `make run`/`make
+test` (a VM boot, the whole suite) are only checked to be targets the Makefile has. Every
+command must be one the test knows how to check: a new command in these blocks fails it
+until the test learns it.
 """
 
 from __future__ import annotations
@@ -174,6 +176,57 @@ def run_hypervisor_command(shell: Shell, command: str, arn: str | None,
     return True
 
 
+def raw_sha(image: Path) -> str:
+    """SHA-256 of a disk image's contents as raw bytes (qemu-img convert -U)."""
+    import hashlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(out)],
+                       check=True, timeout=60)
+        return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def run_backup_command(shell: Shell, command: str, wait_until: Callable[..., Any],
+                       demo_dir: Path) -> bool:
+    """Run and check one of the README's backup and restore commands; False if it is not."""
+    def until_done(field: str) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            doc = json.loads(shell.run(command))
+            assert doc[field] not in ("FAILED", "ABORTED", "EXPIRED"), doc
+            return doc if doc[field] == "COMPLETED" else None
+        return dict(wait_until(done, 120.0, f"{field} COMPLETED", interval=1.0))
+
+    if command.startswith("VM=") and "list-virtual-machines" in command:
+        vm = shell.keep(command)
+        assert re.fullmatch(r"arn:aws:backup-gateway:us-west-2:\d+:vm/vm-\w+", vm), vm
+    elif "create-backup-vault" in command:
+        assert json.loads(shell.run(command))["BackupVaultName"] == "demo-vault"
+    elif command.startswith("JOB=") and "start-backup-job" in command:
+        assert re.fullmatch(r"[0-9A-Fa-f-]{36}", shell.keep(command))
+    elif "describe-backup-job" in command:
+        job = until_done("State")
+        assert job["PercentDone"] == "100.0" and job["BackupSizeInBytes"] > 0, job
+    elif command.startswith("RP=") and "list-recovery-points-by-resource" in command:
+        assert ":recovery-point:" in shell.keep(command)
+    elif "get-recovery-point-restore-metadata" in command:
+        meta = json.loads(shell.run(command))["RestoreMetadata"]
+        assert meta["vmName"] == "demo-web", meta
+    elif command.startswith("RESTORE=") and "start-restore-job" in command:
+        assert re.fullmatch(r"[0-9A-Fa-f-]{36}", shell.keep(command))
+    elif "describe-restore-job" in command:
+        job = until_done("Status")
+        assert ":vm/vm-" in job["CreatedResourceArn"], job
+        # "byte-identical to demo-web's at backup time" (the demo domains never run)
+        [source] = demo_dir.rglob("demo-web.qcow2")
+        [restored] = demo_dir.rglob("demo-web-restored*.qcow2")
+        assert raw_sha(restored) == raw_sha(source)
+    else:
+        return False
+    return True
+
+
 @pytest.fixture
 def demo_dir() -> Iterator[Path]:
     """The demo hypervisor's state directory; whatever the test left running is stopped."""
@@ -195,7 +248,7 @@ def test_two_commands_section_as_printed(
     the demo hypervisor reached directly in place of the VM's relay)."""
     need_root()
     cp, app = control_plane, appliance
-    first, flow, schedule, hypervisor = section_blocks("Two commands")
+    first, flow, schedule, hypervisor, backup = section_blocks("Two commands")
     for command in commands(first):
         target = re.fullmatch(r"make (\S+)", command)
         assert target, command
@@ -209,10 +262,11 @@ def test_two_commands_section_as_printed(
                    ".venv/bin/": f"{VENV_BIN}/",
                    **demo_hypervisor_values("10.0.2.101:16509", demo_dir)}, aws_env())
     key = arn = rate = None
-    hypervisor_commands = commands(hypervisor)
+    hypervisor_commands = commands(hypervisor) + commands(backup)
     for command in commands(flow) + commands(schedule) + hypervisor_commands:
-        if command in hypervisor_commands and run_hypervisor_command(shell, command, arn,
-                                                                      wait_until):
+        if command in hypervisor_commands and (
+                run_backup_command(shell, command, wait_until, demo_dir)
+                or run_hypervisor_command(shell, command, arn, wait_until)):
             continue
         if re.match(r"eval |[A-Za-z_]+=", command):
             shell.keep(command)
