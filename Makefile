@@ -71,6 +71,7 @@ test: deps venv lint vcsim ova
 
 bench: venv
 	$(PY) -m tools.bench
+	$(PY) -m tools.backupbench
 
 ova: $(OVA)
 

@@ -45,7 +45,7 @@ ROLE = "arn:aws:iam::123456789012:role/backup-role"
 MiB = 1024 * 1024
 DISK = 16 * MiB
 # Long ticks: the tests call tick() themselves after moving the clock.
-TIMINGS = JobTimings(slots=4, seen_window=60.0, lease=60.0, takeover=900.0, tick=3600.0)
+TIMINGS = JobTimings(seen_window=60.0, lease=60.0, takeover=900.0, tick=3600.0)
 
 
 # -- data ---------------------------------------------------------------------------------

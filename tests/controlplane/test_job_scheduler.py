@@ -100,7 +100,7 @@ def test_a_gateway_not_seen_gets_jobs_when_it_polls(bp: BackupPlane) -> None:
 
 
 def test_lease_lost_then_taken_over_by_another_gateway(tmp_path: Path) -> None:
-    timings = JobTimings(slots=4, seen_window=5.0, lease=5.0, takeover=30.0, tick=3600.0)
+    timings = JobTimings(seen_window=5.0, lease=5.0, takeover=30.0, tick=3600.0)
     with backup_plane(tmp_path / "state", timings=timings) as bp:
         one, two = bp.gateway("one"), bp.gateway("two")
         hv = bp.hypervisor([one, two], VMS[:1])
