@@ -10,7 +10,8 @@
 # port 80 is forwarded to 127.0.0.1:$HTTP_PORT and its 10.0.2.100:8443 is relayed to the
 # control plane on 127.0.0.1:$CP_PORT; its 10.0.2.101:16509 is relayed to 127.0.0.1:$HYPERVISOR_PORT,
 # where `python -m tools.demohypervisor start` puts a demo libvirtd (started before or after
-# the VM: each guest connection is relayed on its own). The VM's disk (an overlay in build/run) and the control
+# the VM: each guest connection is relayed on its own), and 10.0.2.101:10809-10872 to the
+# same ports here (libvirt's NBD backup exports, which the gateway reads backups from). The VM's disk (an overlay in build/run) and the control
 # plane's state (build/controlplane) are kept between runs, like a deployed appliance.
 set -euo pipefail
 ova=${1:?usage: run-vm.sh OVA}
@@ -68,6 +69,7 @@ cat <<MSG
 ==> control plane: http://127.0.0.1:$cp_port (state $cp_state, log $work/controlplane.log)
 ==> booting the appliance ($accel, ${FIRMWARE:-bios}); its port 80 is http://127.0.0.1:$http_port
 ==> the VM's qemu+tcp://10.0.2.101:16509/system is this machine's 127.0.0.1:$hv_port
+    (and its 10.0.2.101:10809-10872, a backup's NBD exports, this machine's same ports)
     (a demo hypervisor there: .venv/bin/python -m tools.demohypervisor start --port $hv_port)
     From another terminal, once the console shows up (about 30 s under TCG):
 
