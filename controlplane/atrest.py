@@ -20,7 +20,9 @@ import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gatewaycore.atomicfile import create_exclusive
 
@@ -51,6 +53,7 @@ class SecretsAtRest:
         if len(key) != KEY_BYTES:
             raise ValueError(f"the key must be {KEY_BYTES} bytes")
         self._aead = AESGCM(key)
+        self._key = key  # for derive_key only; never logged, never leaves this object
 
     @classmethod
     def ephemeral(cls) -> SecretsAtRest:
@@ -93,20 +96,14 @@ class SecretsAtRest:
 
     def derive_key(self, purpose: str) -> bytes:
         """32 bytes of key material for another use of the key file, one value per `purpose`
-        (at most 8 ASCII characters), from which the key cannot be recovered; the vaults
-        derive each vault's chunk key from it with HKDF.
-
-        Why this way: the AEAD keeps its key and does not give it back, and the key stays
-        private to this class. The material is AES under the key of counter blocks no
-        encryption uses: the GCM keystream of a nonce spelled from `purpose` (the way
-        AES-GCM-SIV derives its per-message keys, RFC 8452 section 4). encrypt() draws its
-        nonces at random, so it meets these with a chance of 2^-96 per call.
-        """
+        (1-64 ASCII characters), from which neither the key nor another purpose's material
+        can be computed: HKDF-SHA256 of the key with the purpose as its info. The vaults
+        derive each vault's chunk key from it."""
         label = purpose.encode("ascii")
-        if not 1 <= len(label) <= 8:
-            raise ValueError("a key purpose is 1 to 8 ASCII characters")
-        nonce = (b"kdf:" + label).ljust(_NONCE_BYTES, b"\0")
-        return self._aead.encrypt(nonce, bytes(KEY_BYTES), None)[:KEY_BYTES]
+        if not 1 <= len(label) <= 64:
+            raise ValueError("a key purpose is 1 to 64 ASCII characters")
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                    info=b"backup-gateway secrets.key\0" + label).derive(self._key)
 
 
 def _read_key(path: Path) -> bytes:
