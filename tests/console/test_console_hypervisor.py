@@ -73,3 +73,43 @@ def test_header_shows_the_hypervisor_and_menu_8_tests_it(
     con.send("\x0c")  # the header now names the passed test too
     con.seen("sync OK (2 VMs), test OK")
     con.seen("Enter command:")
+
+
+def test_jobs_header_line_shapes() -> None:
+    from appliance.console.app import jobs_header_line
+
+    assert jobs_header_line({"running": 0, "waiting": 0}) == "Jobs: none running"
+    assert jobs_header_line({"running": 4, "waiting": 2}) == "Jobs: 4 running, 2 waiting"
+    assert jobs_header_line(None) == jobs_header_line({"running": "4"}) == "Jobs: unknown"
+
+
+def test_header_shows_a_running_backup(
+    control_plane, appliance, console_factory, kvm, wait_until: Callable[..., Any]
+) -> None:
+    """A backup job shaped to take seconds shows in the header while it runs (the jobs
+    line comes from the daemon's status, which the job runner feeds)."""
+    cp = control_plane
+    gateway_arn = activate(cp, appliance)
+    kvm.define("vm-job")
+    kvm.write_data("vm-job", b"console")  # 3 MiB of incompressible data
+    cp.aws("put-bandwidth-rate-limit-schedule", "--gateway-arn", gateway_arn,
+           "--bandwidth-rate-limit-intervals",
+           "AverageUploadRateLimitInBitsPerSec=1000000,StartHourOfDay=0,StartMinuteOfHour=0,"
+           "EndHourOfDay=23,EndMinuteOfHour=59,DaysOfWeek=0,1,2,3,4,5,6")
+    hv = cp.aws("import-hypervisor-configuration", "--name", "kvm", "--host", kvm.tcp_uri(),
+                "--username", lv.SASL_USER, "--password", lv.SASL_PASSWORD)["HypervisorArn"]
+    cp.aws("associate-gateway-to-server", "--gateway-arn", gateway_arn, "--server-arn", hv)
+    vm_arn = wait_until(lambda: next((vm["ResourceArn"] for vm in cp.aws(
+        "list-virtual-machines", "--hypervisor-arn", hv)["VirtualMachines"]
+        if vm["Name"] == "vm-job"), None), timeout=60, what="vm-job in the inventory")
+    con = console_factory(appliance.socket_path)
+    con.login()
+    con.send("\x0c")  # Ctrl-L: a fresh header
+    con.seen("Jobs: none running")
+    cp.aws("create-backup-vault", "--backup-vault-name", "console", service="backup")
+    cp.aws("start-backup-job", "--backup-vault-name", "console", "--resource-arn", vm_arn,
+           "--iam-role-arn", "arn:aws:iam::123456789012:role/backup", service="backup")
+    wait_until(lambda: appliance.status()["jobs"]["running"] == 1, timeout=30,
+               what="the job running on the gateway")
+    con.send("\x0c")  # Ctrl-L: a fresh header
+    con.seen("Jobs: 1 running, 0 waiting")
