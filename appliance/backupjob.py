@@ -9,15 +9,23 @@ on the hypervisor on every path.
 
 The pipeline, per job (memory is bounded by the chunks in flight, not by the disk):
 
-    2 readers (threads: read + SHA-256 + zero check)  ──►  batcher (/missing, ≤ 1,024 ids)
-        ──►  2 uploaders (thread: zlib; then PUT, shaped)
+    2 readers (threads: read + SHA-256 + zero check)  ──►  2 batchers (/missing, ≤ 512 ids
+        each, two calls in flight)  ──►  2 uploaders (thread: zstd; then PUT, shaped)
 
-A semaphore of IN_FLIGHT (4) chunks is taken before a read and given back when the chunk
-is done (zero, already in the vault, or sent), so a job holds at most 4 chunks' plain bytes
-(16 MiB) plus the encoded copies of the 2 being sent: about 24 MiB at worst, ~100 MiB for
-four jobs. hashlib and zlib release the GIL on large buffers, so the threads use the cores.
-When uploads are slow (the shaper) the readers stop at the bound; when the vault already
-has everything (a new full backup of an unchanged VM) the pipeline is read + hash bound.
+A semaphore of IN_FLIGHT (8) plain chunks is taken before a read and given back when the
+chunk is done (zero, already in the vault, or sent), so a job holds at most 8 chunks'
+plain bytes (32 MiB) plus the encoded copies of the 2 being sent (at most 8 MiB, less as
+they compress; identity shares the plain buffer): 40 MiB at worst, 160 MiB for four jobs,
+plus at most MISSING_BATCH ids (64 bytes each) waiting for /missing. hashlib, zstd and
+libnbd release the GIL on large buffers, so the threads use the cores. When uploads are
+slow (the shaper) the readers stop at the bound.
+
+/missing is batched by its answers (`_Batching`): while most chunks are missing, each call
+asks about what is ready (the bytes are kept: they will be sent, and waiting would only add
+latency); while most are present (a new full backup of an unchanged VM), readers keep only
+the ids, the batch grows from 16 to 512, and a chunk that turns out missing is read again
+by its uploader, so such a backup is read + hash bound with a handful of calls. Two
+batchers ask at once so one round trip does not stall the chunks read meanwhile.
 
 Chunk planning (pure, unit-tested): extents are cut at 4 MiB multiples of the disk's offsets
 (gatewaycore.manifest.cut) and neighbouring pieces inside one 4 MiB window are coalesced into
@@ -32,8 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
-import zlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,26 +58,30 @@ from appliance.joblink import (
     run_together,
 )
 from appliance.link import JobOrder
-from gatewaycore import manifest
+from gatewaycore import chunkcodec, manifest
 from gatewaycore.manifest import CHUNK_SIZE, Extent
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = 4           # chunks a job holds at once (read, not yet done)
+IN_FLIGHT = 8           # plain chunks a job holds at once (read, not yet done)
 READERS = 2
-UPLOADERS = 2
+UPLOADERS = 2           # PUTs at once: 4 did not measurably help, and under a limit every
+                        # chunk in flight is a partial send that a restart loses
 MISSING_BATCH = 1024    # docs/backups.md: at most 1,024 ids per /missing
+ASKERS = 2              # /missing calls in flight at once
+# Each batcher waits for at most this many ids, so together they never hold all of the
+# MISSING_BATCH ids the readers may have outstanding (the readers could not add the one
+# that completes a batch).
+MAX_PRESENT_BATCH = MISSING_BATCH // ASKERS
+FIRST_PRESENT_BATCH = 16  # /missing batch once answers say most chunks are present ...
+MOSTLY_PRESENT = 0.9      # ... i.e. at least this share of the ids asked about
+MOSTLY_MISSING_BELOW = 0.5  # below this share present: back to keeping the bytes
 # Neighbouring pieces in one 4 MiB window join when the gap between them is at most this.
 # A full backup's gaps are holes (zeros: free to read, compress to nothing), so a window
 # becomes one chunk. An incremental's gaps are unchanged data that would be sent again, so
 # only small gaps (4 dirty-bitmap blocks) are bridged: at most 13 chunks per window.
 FULL_GAP = CHUNK_SIZE
 INCREMENTAL_GAP = 256 * 1024
-# zlib level 1 unless compressing does not shrink a chunk by 3 % (docs/backups.md). A probe
-# of PROBE_SLICES slices decides first, so incompressible data costs ~2 % of a full pass.
-MIN_SHRINK = 0.97
-PROBE_SLICE = 32 * 1024
-PROBE_SLICES = 3
 SENT_MEMORY = 65536     # ids this job sent, remembered so a repeated chunk is sent once
 COMPLETE_ROUNDS = 3     # complete, send what is missing, complete again: at most this often
 
@@ -158,24 +171,14 @@ def is_zero(data: bytes) -> bool:
     return data == (_ZEROS if n == CHUNK_SIZE else _ZEROS[:n])
 
 
-def _probe_compresses(data: bytes) -> bool:
-    """Whether a few slices of `data` shrink by 3 % at zlib level 1."""
-    n = len(data)
-    if n <= PROBE_SLICE * PROBE_SLICES:
-        return True  # small: compressing it whole is as cheap as probing
-    step = (n - PROBE_SLICE) // (PROBE_SLICES - 1)
-    sample = b"".join(data[i * step:i * step + PROBE_SLICE] for i in range(PROBE_SLICES))
-    return len(zlib.compress(sample, 1)) <= MIN_SHRINK * len(sample)
-
-
 def encode(data: bytes) -> tuple[str, bytes]:
-    """(encoding, body) of a chunk on the wire: zlib level 1, or identity when that does
-    not shrink it by 3 % (decided by a probe, then by the whole result)."""
-    if _probe_compresses(data):
-        packed = zlib.compress(data, 1)
-        if len(packed) <= MIN_SHRINK * len(data):
-            return "zlib", packed
-    return "identity", data
+    """(encoding, body) of a chunk on the wire: zstd unless a probe or the whole result
+    says it will not shrink by 3 % (gatewaycore.chunkcodec, the one place for encodings)."""
+    return chunkcodec.encode(data)
+
+
+def _serialized(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def chunk_id(data: bytes) -> str:
@@ -214,6 +217,35 @@ class _SentIds:
         self._ids.pop(chunk, None)
 
 
+class _Batching:
+    """How many read chunks the batcher asks /missing about at once, and whether readers
+    keep a chunk's bytes until the answer.
+
+    While answers say most chunks are missing (a first full backup, an incremental), the
+    batcher asks about what is ready at once, the readers keep the bytes (they will be
+    sent) and the memory bound holds the batch to the chunks in flight. While answers say
+    most are present (a new full backup of a VM the vault mostly has), the readers keep
+    only the ids and the batch doubles, from FIRST_PRESENT_BATCH up to MAX_PRESENT_BATCH, so
+    a mostly unchanged disk costs a few /missing calls instead of one per chunk; the rare
+    missing chunk is read again by its uploader."""
+
+    def __init__(self) -> None:
+        self.size = MISSING_BATCH
+        self.expect_present = False
+
+    def answered(self, asked: int, missing: int) -> None:
+        if asked == 0:
+            return
+        present = (asked - missing) / asked
+        if present >= MOSTLY_PRESENT:
+            self.size = (min(MAX_PRESENT_BATCH, self.size * 2) if self.expect_present
+                         else FIRST_PRESENT_BATCH)
+            self.expect_present = True
+        elif present < MOSTLY_MISSING_BELOW:
+            self.size = MISSING_BATCH
+            self.expect_present = False
+
+
 class BackupJob(LinkedJob):
     """One backup of one VM (docs/backups.md, "Backup")."""
 
@@ -233,6 +265,13 @@ class BackupJob(LinkedJob):
         self.chunks_present = 0
         self.chunks_zero = 0
         self.bytes_sent = 0
+        self.manifest_bytes = 0
+        self.bytes_on_wire = 0  # chunk body bytes handed to the socket (retries included)
+        self.missing_calls = 0
+        # where the pipeline's time went (seconds summed over its threads and tasks), logged
+        # at the end: what to look at before changing the pipeline's shape
+        self.timings: dict[str, float] = dict.fromkeys(("read", "hash", "missing", "encode",
+                                                        "put"), 0.0)
         self.recovery_point_arn: str | None = None
 
     def progress_message(self) -> str:
@@ -287,71 +326,122 @@ class BackupJob(LinkedJob):
     # -- the pipeline ---------------------------------------------------------------------
 
     async def _send_all(self, disks: list[DiskReader]) -> None:
-        slots = asyncio.Semaphore(self._in_flight)
+        """Read, hash, ask /missing, encode and send every planned chunk (the module's
+        docstring draws the pipeline and says its memory bound)."""
+        slots = asyncio.Semaphore(self._in_flight)     # plain chunks held (the memory bound)
+        pending = asyncio.Semaphore(MISSING_BATCH)     # ids read, not yet asked about
         ready: asyncio.Queue[_Read | None] = asyncio.Queue()
         uploads: asyncio.Queue[_Read | None] = asyncio.Queue()
         todo = iter(range(len(self._plans)))
+        batching = _Batching()
+        clock = time.perf_counter
 
         def done(index: int) -> None:
             self.bytes_done += self._plans[index].data_bytes
-            slots.release()
 
         async def reader() -> None:
             for index in todo:
+                await pending.acquire()
                 await slots.acquire()
                 try:
                     got = await self.in_thread(self._read, disks, index)
                 except BaseException:
                     slots.release()
+                    pending.release()
                     raise
                 if got.chunk is None:
                     self.chunks_zero += 1
+                    slots.release()
+                    pending.release()
                     done(index)
-                else:
-                    await ready.put(got)
+                    continue
+                if batching.expect_present:
+                    # Most chunks are in the vault: keep only the id, so /missing can be
+                    # asked about many at once without holding their bytes; the few that
+                    # are missing are read again by the uploader.
+                    got.data = None
+                    slots.release()
+                await ready.put(got)
 
         async def readers() -> None:
             await run_together(*(reader() for _ in range(READERS)))
-            await ready.put(None)
+            for _ in range(ASKERS):
+                await ready.put(None)  # one end mark for each batcher
 
         async def batcher() -> None:
             end = False
             while not end:
                 batch = [await ready.get()]
-                while len(batch) < MISSING_BATCH and not ready.empty():
-                    batch.append(ready.get_nowait())
+                # Take what is ready; wait for more only while no chunk of the batch holds
+                # its bytes (those must not wait, and the readers may be blocked on them).
+                while batch[-1] is not None and len(batch) < batching.size:
+                    if ready.empty() and any(r.data is not None for r in batch
+                                             if r is not None):
+                        break
+                    batch.append(await ready.get())
                 if batch[-1] is None:  # the readers' end mark is always the last item
                     end = True
                     batch.pop()
-                fresh = list(dict.fromkeys(r.chunk for r in batch
-                                           if r is not None and r.chunk not in self._sent))
+                reads = [r for r in batch if r is not None]
+                fresh = list(dict.fromkeys(r.chunk for r in reads
+                                           if r.chunk is not None and r.chunk not in self._sent))
+                asked = clock()
                 missing = set(await self.link.missing(self.job_id, fresh)) if fresh else set()
-                for got in batch:
-                    assert got is not None and got.chunk is not None
+                self.timings["missing"] += clock() - asked
+                self.missing_calls += 1 if fresh else 0
+                batching.answered(len(fresh), len(missing))
+                for got in reads:
+                    assert got.chunk is not None
+                    pending.release()
                     self._results[got.index] = got.chunk
                     if got.chunk in missing and got.chunk not in self._sent:
                         self._sent.add(got.chunk)
                         await uploads.put(got)
                     else:
                         self.chunks_present += 1
-                        got.data = None
+                        if got.data is not None:
+                            got.data = None
+                            slots.release()
                         done(got.index)
+
+        async def batchers() -> None:
+            # Two ask at once: while one waits for its /missing answer (a round trip on
+            # which nothing else of the chunks it holds can happen), the other gathers the
+            # chunks read meanwhile.
+            await run_together(*(batcher() for _ in range(ASKERS)))
             for _ in range(UPLOADERS):
                 await uploads.put(None)
 
         async def uploader() -> None:
             while (got := await uploads.get()) is not None:
-                assert got.chunk is not None and got.data is not None
-                await self._upload(got.chunk, got.data)
-                got.data = None
+                assert got.chunk is not None
+                if got.data is None:  # asked about without its bytes: read it again
+                    await slots.acquire()
+                    try:
+                        again = await self.in_thread(self._read, disks, got.index)
+                    except BaseException:
+                        slots.release()
+                        raise
+                    if again.chunk != got.chunk or again.data is None:
+                        slots.release()
+                        raise JobFailure(f"disk data changed under the backup: chunk at "
+                                         f"offset {self._plans[got.index].start} now reads "
+                                         "differently")
+                    got.data = again.data
+                try:
+                    await self._upload(got.chunk, got.data)
+                finally:
+                    got.data = None
+                    slots.release()
                 done(got.index)
 
-        await run_together(readers(), batcher(), *(uploader() for _ in range(UPLOADERS)))
+        await run_together(readers(), batchers(), *(uploader() for _ in range(UPLOADERS)))
 
     def _read(self, disks: list[DiskReader], index: int) -> _Read:
         """Read one planned chunk (in a worker thread): its id, or None when all zero."""
         plan = self._plans[index]
         disk = disks[plan.disk]
+        started = time.perf_counter()
         try:
             data = disk.read(plan.start, plan.length)
         except Exception as exc:
@@ -363,17 +453,25 @@ class BackupJob(LinkedJob):
             raise JobFailure(f"reading disk {disk.key} at offset {plan.start} returned "
                              f"{len(data)} bytes instead of {plan.length}")
         data = bytes(data)
+        read = time.perf_counter()
+        self.timings["read"] += read - started
         if is_zero(data):
             return _Read(index, None, None)
-        return _Read(index, chunk_id(data), data)
+        got = _Read(index, chunk_id(data), data)
+        self.timings["hash"] += time.perf_counter() - read
+        return got
 
     async def _upload(self, chunk: str, data: bytes) -> None:
+        started = time.perf_counter()
         encoding, body = await self.in_thread(encode, data)
+        encoded = time.perf_counter()
+        self.timings["encode"] += encoded - started
         try:
-            await self.link.put_chunk(self.job_id, chunk, encoding, body)
+            await self.link.put_chunk(self.job_id, chunk, encoding, body, self._on_wire)
         except BaseException:
             self._sent.discard(chunk)
             raise
+        self.timings["put"] += time.perf_counter() - encoded
         self.chunks_sent += 1
         self.bytes_sent += len(body)
 
@@ -395,12 +493,24 @@ class BackupJob(LinkedJob):
                       for d, ext in zip(disks, per_disk, strict=True)],
         }
 
+    def _on_wire(self, n: int) -> None:
+        self.bytes_on_wire += n
+
+    def transferred(self) -> int:
+        """BytesTransferred as AWS defines it: the bytes sent to the vault so far (encoded
+        chunk bodies as they go out, a retried one again, and the manifest each time
+        `complete` carried it)."""
+        return self.bytes_on_wire + self.manifest_bytes
+
     async def _complete(self, session: BackupSession, disks: list[DiskReader]) -> None:
         doc = self.manifest_json(session, disks)
+        body = await self.in_thread(_serialized, doc)
         for _ in range(COMPLETE_ROUNDS):
             try:
+                self.manifest_bytes += len(body)
                 arn = await self.link.complete_backup(self.job_id, session.incremental,
-                                                      session.checkpoint, doc)
+                                                      session.checkpoint, body,
+                                                      self.transferred())
             except JobRefused as exc:
                 if exc.code != "MissingChunks":
                     raise
@@ -421,8 +531,11 @@ class BackupJob(LinkedJob):
             self.recovery_point_arn = arn or None
             self.bytes_done = self.bytes_total
             log.info("event=backup_completed job_id=%s recovery_point=%s chunks_sent=%d "
-                     "chunks_present=%d chunks_zero=%d bytes_sent=%d", self.job_id, arn,
-                     self.chunks_sent, self.chunks_present, self.chunks_zero, self.bytes_sent)
+                     "chunks_present=%d chunks_zero=%d bytes_sent=%d manifest_bytes=%d "
+                     "missing_calls=%d seconds=%s", self.job_id, arn, self.chunks_sent,
+                     self.chunks_present, self.chunks_zero, self.bytes_sent,
+                     self.manifest_bytes, self.missing_calls,
+                     ",".join(f"{k}:{v:.2f}" for k, v in self.timings.items()))
             return
         raise JobFailure(f"the vault still lacked chunks after {COMPLETE_ROUNDS} rounds of "
                          "sending them")

@@ -93,13 +93,17 @@ class _Attempt(Exception):
     """One attempt failed in a way worth retrying (connection error, timeout, 5xx)."""
 
 
-async def _shaped(body: bytes, shaper: ScheduledShaper) -> AsyncIterator[memoryview]:
-    """`body` in pieces of the shaper's size, each acquired right before it is sent."""
+async def _shaped(body: bytes, shaper: ScheduledShaper,
+                  sent: Callable[[int], None] | None = None) -> AsyncIterator[memoryview]:
+    """`body` in pieces of the shaper's size, each acquired right before it is sent (and
+    counted by `sent` as it is handed to the socket)."""
     view = memoryview(body)
     while view:
         piece = view[: shaper.piece_size]  # re-read per piece: it follows the rate in force
         view = view[len(piece):]
         await shaper.acquire(len(piece))
+        if sent is not None:
+            sent(len(piece))
         yield piece
 
 
@@ -130,8 +134,10 @@ class JobLink:
 
     # -- the retry loop ---------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, *, payload: dict[str, Any] | None = None,
+    async def _call(self, method: str, path: str, *,
+                    payload: dict[str, Any] | bytes | None = None,
                     chunk: tuple[str, bytes] | None = None,
+                    sent: Callable[[int], None] | None = None,
                     timeout: float | None = CALL_TIMEOUT,
                     ok: tuple[int, ...] = (200,)) -> tuple[int, Any, CIMultiDict[str], bytes]:
         """One logical call, attempted until it gets an answer or `retry_for` passes.
@@ -146,7 +152,7 @@ class JobLink:
             attempt += 1
             try:
                 status, doc, headers, raw = await self._attempt(method, path, payload, chunk,
-                                                               timeout)
+                                                               timeout, sent)
             except _Attempt as exc:
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
@@ -169,8 +175,9 @@ class JobLink:
                 raise JobStopped(code, message, retried=attempt > 1)
             raise JobRefused(status, code, message, body)
 
-    async def _attempt(self, method: str, path: str, payload: dict[str, Any] | None,
+    async def _attempt(self, method: str, path: str, payload: dict[str, Any] | bytes | None,
                        chunk: tuple[str, bytes] | None, timeout: float | None,
+                       sent: Callable[[int], None] | None = None,
                        ) -> tuple[int, Any, CIMultiDict[str], bytes]:
         data: Any
         if chunk is not None:
@@ -179,9 +186,10 @@ class JobLink:
                                      "application/octet-stream")
             headers["X-Gateway-Chunk-Encoding"] = encoding
             headers["Content-Length"] = str(len(body))
-            data = _shaped(body, self._shaper)
-        elif payload is not None:
-            data = json.dumps(payload, separators=(",", ":")).encode()
+            data = _shaped(body, self._shaper, sent)
+        elif payload is not None:  # a JSON object, or one already serialized
+            data = (payload if isinstance(payload, bytes)
+                    else json.dumps(payload, separators=(",", ":")).encode())
             headers = signed_headers(self._identity, method, path, data)
         else:
             data = None
@@ -230,11 +238,14 @@ class JobLink:
                                "not asked about")
         return list(missing)
 
-    async def put_chunk(self, job_id: str, chunk_id: str, encoding: str, body: bytes) -> bool:
-        """Send one encoded chunk through the shaper; True when the vault stored it now."""
+    async def put_chunk(self, job_id: str, chunk_id: str, encoding: str, body: bytes,
+                        sent: Callable[[int], None] | None = None) -> bool:
+        """Send one encoded chunk through the shaper; True when the vault stored it now.
+        `sent(n)` is called as each piece of the body goes out (a job's BytesTransferred
+        moves with the wire, not by whole chunks)."""
         status, _, _, _ = await self._call(
             "PUT", f"/gateway/jobs/{job_id}/chunks/{chunk_id}", chunk=(encoding, body),
-            timeout=None, ok=(200, 201))
+            sent=sent, timeout=None, ok=(200, 201))
         self.bytes_sent += len(body)
         return status == 201
 
@@ -247,13 +258,19 @@ class JobLink:
         return isinstance(doc, dict) and doc.get("abort") is True
 
     async def complete_backup(self, job_id: str, incremental: bool, checkpoint: str | None,
-                              manifest: dict[str, Any]) -> str:
+                              manifest: bytes, bytes_transferred: int) -> str:
         """The recovery point's ARN; JobRefused MissingChunks (doc `missing`) when the vault
-        lacks chunks the manifest names."""
+        lacks chunks the manifest names.
+
+        `manifest` is the manifest's JSON, serialized by the caller (it counts its bytes in
+        `bytes_transferred`, the job's final BytesTransferred, and a large one is
+        serialized off the event loop): spliced into the body, not parsed again."""
+        head = json.dumps({"incremental": incremental, "checkpoint": checkpoint,
+                           "bytesTransferred": bytes_transferred}, separators=(",", ":"))
+        body = head[:-1].encode() + b',"manifest":' + manifest + b"}"
         _, doc, _, _ = await self._call(
             "POST", f"/gateway/jobs/{job_id}/complete", timeout=COMPLETE_TIMEOUT,
-            payload={"incremental": incremental, "checkpoint": checkpoint,
-                     "manifest": manifest})
+            payload=body)
         arn = doc.get("recoveryPointArn") if isinstance(doc, dict) else None
         return arn if isinstance(arn, str) else ""
 
@@ -496,7 +513,7 @@ class LinkedJob:
     async def _report_progress(self) -> None:
         while True:
             await asyncio.sleep(self._progress_period)
-            done, total = self.bytes_done, self.bytes_total
+            done, total = self.transferred(), self.bytes_total
             if await self.link.progress(self.job_id, done, total, self.percent(),
                                         self.progress_message()):
                 log.info("event=job_abort_requested job_id=%s", self.job_id)
@@ -504,6 +521,11 @@ class LinkedJob:
 
     def progress_message(self) -> str:
         return self.phase
+
+    def transferred(self) -> int:
+        """The progress report's `bytesTransferred`: here the bytes done (a restore's bytes
+        written); a backup reports the bytes it sent to the vault (AWS's meaning)."""
+        return self.bytes_done
 
     def mark_done(self) -> None:
         """The control plane accepted `complete`: from here on the job cannot be stopped."""

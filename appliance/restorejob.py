@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from typing import Any
 from appliance.hypervisors.model import BackupConnector, DiskWriter, RestoreSession
 from appliance.joblink import JobFailure, JobLink, LinkedJob
 from appliance.link import JobOrder
-from gatewaycore import manifest
+from gatewaycore import chunkcodec, manifest
 from gatewaycore.manifest import CHUNK_SIZE, Extent, Manifest
 
 log = logging.getLogger(__name__)
@@ -41,22 +40,12 @@ CACHE_BYTES = 32 * 1024 * 1024
 
 def decode(chunk: str, encoding: str, body: bytes) -> bytes:
     """The plain bytes of a fetched chunk, checked: JobFailure naming the chunk when it
-    does not decode, is too long, or its SHA-256 is not its id."""
-    if encoding == "identity":
-        data = body
-    elif encoding == "zlib":
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(body, CHUNK_SIZE + 1)
-        except zlib.error as exc:
-            raise JobFailure(f"chunk {chunk} from the vault does not decode: {exc}") from None
-        if not inflater.eof or inflater.unconsumed_tail:
-            raise JobFailure(f"chunk {chunk} from the vault is truncated or longer than "
-                             f"{CHUNK_SIZE} bytes")
-    else:
-        raise JobFailure(f"chunk {chunk} came with an unknown encoding {encoding[:40]!r}")
-    if len(data) > CHUNK_SIZE:
-        raise JobFailure(f"chunk {chunk} is longer than {CHUNK_SIZE} bytes")
+    does not decode (gatewaycore.chunkcodec: never more than a chunk's size) or its
+    SHA-256 is not its id."""
+    try:
+        data = bytes(chunkcodec.decode(encoding, body, CHUNK_SIZE))
+    except chunkcodec.CodecError as exc:
+        raise JobFailure(f"chunk {chunk} from the vault does not decode: {exc}") from None
     got = hashlib.sha256(data).hexdigest()
     if got != chunk:
         raise JobFailure(f"chunk {chunk} failed its SHA-256 check (the vault's bytes hash to "

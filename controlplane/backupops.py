@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from controlplane import vaultindex
 from controlplane.backupstore import (
     BACKUP,
     ENDED,
@@ -232,12 +233,17 @@ class BackupApi:
             raise ApiError("AlreadyExistsException",
                            f"Backup vault {name} already exists in region {caller.region}")
         storage = "v-" + secrets.token_hex(8)
-        await _in_thread(self.vaults.create, storage)
+        arn, now = self._vault_arn(caller.region, name), self.clock.now()
+        tags = dict(body.get("BackupVaultTags") or {})
+        # Its vault.json (what a rebuild reads) is durable before the row, so before the answer.
+        await _in_thread(self.vaults.create, storage, vaultindex.vault_record(
+            region=caller.region, name=name, arn=arn, account=self.account, storage=storage,
+            created_at=now, creator_request_id=request_id,
+            encryption_key_arn=body.get("EncryptionKeyArn"), tags=tags))
         try:
             vault = self.backups.create_vault(
-                caller.region, name, self._vault_arn(caller.region, name), storage,
-                self.clock.now(), request_id, body.get("EncryptionKeyArn"),
-                dict(body.get("BackupVaultTags") or {}),
+                caller.region, name, arn, storage, now, request_id,
+                body.get("EncryptionKeyArn"), tags,
             )
         except BackupStoreError as exc:
             await _in_thread(self.vaults.drop, storage)

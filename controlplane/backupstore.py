@@ -709,6 +709,60 @@ class BackupStore:
         ).fetchone()
         return _job(row) if row else None
 
+    # -- rebuilt from a vault's storage (controlplane/vaultrebuild.py) --------------------
+
+    def adopt_account(self, account: str) -> str:
+        """The database's account id, set to `account` when it has none yet: a rebuilt
+        control plane keeps the ARNs its vaults were created under."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='account_id'").fetchone()
+            if row:
+                return str(row[0])
+            db.execute("INSERT INTO meta (key, value) VALUES ('account_id', ?)", (account,))
+            return account
+
+    def insert_rebuilt_vault(self, row: dict[str, Any]) -> bool:
+        """A vault's row from its vault.json (vaultindex.vault_row): True when inserted,
+        False when that vault (its ARN and storage) is here already; BackupStoreError
+        "Exists" when its region and name, ARN or storage belong to another row."""
+        with self.store.transaction() as db:
+            same = db.execute("SELECT storage FROM backup_vaults WHERE arn=? OR storage=? OR"
+                              " (region=? AND name=?)",
+                              (row["arn"], row["storage"], row["region"], row["name"])
+                              ).fetchall()
+            if any(str(r[0]) == row["storage"] for r in same) and len(same) == 1:
+                return False
+            if same:
+                raise BackupStoreError(
+                    "Exists", f"backup vault {row['name']} in {row['region']}: the database "
+                    f"has another vault of that name or ARN (storage "
+                    f"{', '.join(sorted(str(r[0]) for r in same))})")
+            db.execute(
+                "INSERT INTO backup_vaults (region, name, arn, storage, created_at,"
+                " creator_request_id, encryption_key_arn, tags) VALUES (?,?,?,?,?,?,?,?)",
+                (row["region"], row["name"], row["arn"], row["storage"], row["created_at"],
+                 row["creator_request_id"], row["encryption_key_arn"],
+                 json.dumps(row["tags"])))
+            return True
+
+    def insert_rebuilt_point(self, row: dict[str, Any]) -> bool:
+        """A COMPLETED point's row from its record (vaultindex.point_row): True when
+        inserted, False when a point of that ARN is here already. The VM's LastBackupDate
+        follows, when the VM is in the inventory."""
+        with self.store.transaction() as db:
+            if db.execute("SELECT 1 FROM recovery_points WHERE arn=?",
+                          (row["arn"],)).fetchone():
+                return False
+            values = dict(row, status=COMPLETED, incremental=int(row["incremental"]),
+                          restore_defaults=json.dumps(row["restore_defaults"]),
+                          last_restore=None)
+            columns = _POINT_COLS.replace("seq, ", "", 1)
+            names = [c.strip() for c in columns.split(",")]
+            db.execute(f"INSERT INTO recovery_points ({columns}) VALUES "
+                       f"({', '.join('?' for _ in names)})", [values[n] for n in names])
+            refresh_last_backup(db, row["resource_arn"])
+            return True
+
 
 def bump_gateway(db: sqlite3.Connection, gateway_id: str) -> str | None:
     """The gateway's job list changed: its poll version + 1; returns its key id to wake."""

@@ -91,7 +91,8 @@ class ChunkStore(Protocol):
 
 
 class VaultStores(Protocol):
-    """The stores of every vault: its chunks and its recovery points' manifests."""
+    """The stores of every vault: its chunks, its recovery points' manifests, and its meta
+    objects."""
 
     def exists(self, vault: str) -> bool: ...
 
@@ -108,6 +109,12 @@ class VaultStores(Protocol):
     def chunks(self, vault: str) -> ChunkStore: ...
 
     def points(self, vault: str) -> ChunkStore: ...
+
+    def meta(self, vault: str) -> ChunkStore:
+        """Small objects that describe the vault itself (e.g. "vault.json", "key.json"): what
+        the disaster-recovery path needs to rebuild a control plane's view of the vault from
+        its storage alone. Every put and delete is durable when it returns."""
+        ...
 
 
 def check_vault_name(vault: str) -> str:
@@ -321,8 +328,8 @@ class LocalChunkStore:
 
 
 class LocalVaultStores:
-    """`<root>/<vault>/chunks/` (sharded, synced by commit) and `<root>/<vault>/points/`
-    (durable puts) for each vault."""
+    """`<root>/<vault>/chunks/` (sharded, synced by commit), `<root>/<vault>/points/` and
+    `<root>/<vault>/meta/` (durable puts) for each vault."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -340,6 +347,7 @@ class LocalVaultStores:
         base.mkdir(mode=0o700, exist_ok=True)
         (base / "chunks").mkdir(mode=0o700, exist_ok=True)
         (base / "points").mkdir(mode=0o700, exist_ok=True)
+        (base / "meta").mkdir(mode=0o700, exist_ok=True)
         fsync_dir(base)
         fsync_dir(self.root)
 
@@ -372,3 +380,13 @@ class LocalVaultStores:
     def points(self, vault: str) -> LocalChunkStore:
         return LocalChunkStore(self.root / check_vault_name(vault) / "points", shard=False,
                                durable=True)
+
+    def meta(self, vault: str) -> LocalChunkStore:
+        """`<vault>/meta/`, made here when the vault predates it (created before meta stores
+        existed): `exists` does not ask for it, so such a vault stays readable."""
+        base = self.root / check_vault_name(vault)
+        directory = base / "meta"
+        if not directory.is_dir() and base.is_dir():
+            directory.mkdir(mode=0o700, exist_ok=True)
+            fsync_dir(base)
+        return LocalChunkStore(directory, shard=False, durable=True)

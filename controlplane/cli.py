@@ -1,4 +1,5 @@
-"""`python -m controlplane serve|env`: run the control plane, or print its credentials for eval."""
+"""`python -m controlplane serve|env|rebuild-vaults`: run the control plane, print its
+credentials for eval, or rebuild its vaults' rows from their storage (vaultrebuild.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from controlplane import credentials
+from controlplane import credentials, vaultrebuild, vaultsettings
 from controlplane.server import ControlPlane, tls_context
 from gatewaycore import logfmt
 
@@ -50,12 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
                        help="the PEM private key of --tls-cert")
     env = sub.add_parser("env", help="print export lines of the API credentials, for eval")
-    for p in (serve, env):
+    rebuild = sub.add_parser(
+        "rebuild-vaults", help="with the control plane stopped: recreate the vaults and "
+        "their recovery points in the database from the vault store alone")
+    for p in (serve, env, rebuild):
         p.add_argument("--state-dir", type=Path, default=None,
                        help="state directory (default /var/lib/controlplane as root, "
                        "./controlplane-state otherwise)")
+    for p in (serve, env):
         p.add_argument("--credentials-file", type=Path, default=None,
                        help="API credentials file (default STATE_DIR/credentials)")
+    for p in (serve, rebuild):
+        p.add_argument("--vault-store", type=Path, default=None, metavar="FILE",
+                       help="TOML settings of where the vaults' bytes live ([local] or [s3]; "
+                       "default: the directory STATE_DIR/vaults)")
+    rebuild.add_argument("--vault", default=None, metavar="NAME",
+                         help="rebuild only the vault of this name (default: every vault)")
     serve.add_argument("--data-dir", type=Path, default=None,
                        help="where gateway uploads are stored (default STATE_DIR/data)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -65,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     state_dir: Path = args.state_dir or default_state_dir()
+    if args.command == "rebuild-vaults":
+        return _rebuild(state_dir, args.vault_store, args.vault)
     creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
     if args.command == "env":
         return _env(state_dir, creds_file)
+    try:
+        vault_store = vaultsettings.load(args.vault_store)
+    except vaultsettings.VaultSettingsError as exc:
+        print(f"controlplane: {exc}", file=sys.stderr)
+        return 2
     if (args.tls_cert is None) != (args.tls_key is None):
         print("controlplane: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -81,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logfmt.setup(args.log_level, "%(asctime)s level=%(levelname)s %(message)s")
     try:
-        plane = ControlPlane(state_dir, creds_file, args.data_dir)
+        # OSError covers the vault store: s3store.StorageBackendError (bucket missing,
+        # credentials refused, endpoint unreachable) and vaultkeys.VaultKeyError.
+        plane = ControlPlane(state_dir, creds_file, args.data_dir, vault_store=vault_store)
     except (credentials.CredentialsError, OSError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
@@ -124,6 +144,25 @@ async def _serve(plane: ControlPlane, host: str, port: int, tls: ssl.SSLContext 
     with contextlib.suppress(Exception):
         await plane.stop()
     log.info("event=stopped")
+
+
+def _rebuild(state_dir: Path, settings_file: Path | None, vault: str | None) -> int:
+    """One line per vault; 0 when all was imported, 1 when some points were damaged or
+    some vaults skipped, 2 when refused (nothing written) or the settings are unusable."""
+    logfmt.setup("WARNING", "%(asctime)s level=%(levelname)s %(message)s")
+    try:
+        settings = vaultsettings.load(settings_file)
+        reports = vaultrebuild.rebuild(state_dir, settings, vault)
+    except (vaultsettings.VaultSettingsError, vaultrebuild.RebuildRefused, OSError) as exc:
+        print(f"controlplane: rebuild-vaults: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        for line in report.lines():
+            print(line)
+    if not reports:
+        print(f"no vaults in the vault store ({settings.describe()})")
+    trouble = any(r.damaged or r.vault == "skipped" for r in reports)
+    return 1 if trouble else 0
 
 
 def _env(state_dir: Path, creds_file: Path) -> int:

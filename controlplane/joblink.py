@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controlplane import vaultindex
 from controlplane.backupops import hypervisor_kind
 from controlplane.backupstore import ACTIVE, BACKUP, ENDED, RESTORE, BackupStore, Job, NewPoint
 from controlplane.clock import Clock
@@ -258,6 +259,10 @@ class JobOps:
         gateway_id = job.gateway_id or ""
         incremental = _bool(payload.get("incremental"), "incremental")
         checkpoint = _text(payload.get("checkpoint"), "checkpoint", MAX_CHECKPOINT)
+        # optional (older gateways): the final BytesTransferred, so the job does not keep
+        # the last 2-s progress figure (0 for a short incremental)
+        sent = payload.get("bytesTransferred")
+        transferred = None if sent is None else _int(sent, "bytesTransferred")
         if incremental and job.base_point_arn is None:
             raise invalid("incremental", "this job has no base: back up in full")
         base_point = self.backups.point(job.base_point_arn) if incremental and (
@@ -277,20 +282,29 @@ class JobOps:
 
         try:
             composed = await asyncio.to_thread(build)
-            stored = await asyncio.to_thread(self.vaults.commit, job.storage, job.point_id,
-                                             composed)
         except VaultError as err:
             raise vault_refused(err) from None
         hypervisor = self.store.hypervisor_by_id(job.hypervisor_id)
         kind = hypervisor_kind(hypervisor) if hypervisor else "vsphere"
-        done = self.backups.complete_backup(job.job_id, gateway_id, NewPoint(
+        new_point = NewPoint(
             hypervisor_arn=hypervisor.arn if hypervisor else job.hypervisor_id,
             hypervisor_kind=kind,
-            backup_size=stored.data_bytes,
+            backup_size=sum(d.data_bytes() for d in composed.disks),
             checkpoint=checkpoint,
             incremental=incremental,
             restore_defaults=restore_defaults(kind, composed.vm),
-        ), self.clock.now())
+        )
+        now = self.clock.now()  # the record in the vault and the row say the same time
+        try:
+            stored = await asyncio.to_thread(self.vaults.commit, job.storage, job.point_id,
+                                             composed, vaultindex.point_record(
+                                                 job, new_point, now))
+        except VaultError as err:
+            raise vault_refused(err) from None
+        if transferred is not None:  # a job changed meanwhile is left to the None below
+            self.backups.update_job(job.job_id, ACTIVE, gateway_id=gateway_id,
+                                    bytes_transferred=transferred)
+        done = self.backups.complete_backup(job.job_id, gateway_id, new_point, now)
         if done is None:  # stopped or taken over while the vault worked
             current = self.backups.job(job.job_id)
             if current is not None and current.state in ENDED and (

@@ -45,6 +45,7 @@ from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
 from controlplane.vaults import Vaults
+from controlplane.vaultsettings import VAULTS_DIR, VaultStoreSettings
 from gatewaycore.connguard import ConnectionGuard, Ticket, quiet_resource_errors
 
 log = logging.getLogger("controlplane")
@@ -321,14 +322,19 @@ class ControlPlane:
         hub: PollHub | None = None,
         hypervisor_test_timeout: float = TEST_TIMEOUT_SECONDS,
         job_timings: JobTimings | None = None,
+        vault_store: VaultStoreSettings | None = None,
     ) -> None:
         """`clock` is business time (key expiry, last seen); `wall_clock` checks signatures.
         Tests pass their own clock, throttle, guard or hub (one that reports its waiters),
         a short `hypervisor_test_timeout` (how long TestHypervisorConfiguration waits
         for the gateway's answer) and short `job_timings` (the job scheduler's slots,
-        lease, takeover deadline and tick)."""
+        lease, takeover deadline and tick). `vault_store`: where the vaults' bytes live
+        (controlplane/vaultsettings.py; default the local STATE_DIR/vaults); an S3 bucket
+        is checked first (s3store.StorageBackendError when it cannot be used)."""
         self.state_dir = state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.vault_store = vault_store or VaultStoreSettings()
+        self.vault_store.check()
         self.credentials_file = credentials_file or state_dir / credentials.FILE_NAME
         keys, self.credentials_created = credentials.ensure(self.credentials_file)
         self.access_key_id, self.secret_access_key = next(iter(keys.items()))
@@ -343,7 +349,9 @@ class ControlPlane:
         self.hypervisor_tests = PendingTests()
         # Backups (docs/backups.md): the vaults' bytes, the jobs and points in the same
         # database, the scheduler that gives jobs to gateways.
-        self.vaults = Vaults(state_dir / "vaults", self.secrets)
+        self.vaults = Vaults(state_dir / VAULTS_DIR, self.secrets,
+                             stores=self.vault_store.stores(state_dir),
+                             keyring=self.vault_store.keyring(self.secrets, create=True))
         self.vaults.reconcile()  # what a crash left in the vaults, before any request
         self.backups = BackupStore(self.store, self.hub.notify)
         self.scheduler = JobScheduler(self.backups, self.vaults, self.clock, job_timings)

@@ -13,13 +13,29 @@ without compressing again), AES-256-GCM-encrypted under a key of its own vault, 
 format (`OVERHEAD` bytes more than the encoded chunk, so the store's size says the encoded
 size without a read):
 
-    version (1 byte, 1) | encoding (1 byte: 0 identity, 1 zlib) | nonce (12) | ciphertext+tag
+    version (1 byte, 1) | encoding (1 byte: 0 identity, 1 zlib, 2 zstd) | nonce (12) | sealed
 
-The vault's key is HKDF-SHA256 over key material drawn from the control plane's secrets key
-(atrest.SecretsAtRest.derive_key) with the vault's name in `info`; the associated data binds
-the header, the vault, the chunk id and the encoding. So a file copied into another vault,
-renamed to another chunk, or relabelled with another encoding fails authentication instead
-of restoring the wrong bytes, and a copy of the vault directory alone reveals nothing.
+(`sealed`: the ciphertext and its tag.)
+
+The vault's key is a random 32-byte data key kept in the vault's own `meta` store as
+`key.json`, wrapped under the key ring's key-encryption key (controlplane/vaultkeys.py: the
+vault master key file, or a key derived from secrets.key), so the vault's storage is
+readable by a rebuilt control plane that has the settings and that key file only. The
+associated data binds the header, the vault, the chunk id and the encoding. So a file
+copied into another vault, renamed to another chunk, or relabelled with another encoding
+fails authentication instead of restoring the wrong bytes, and a copy of the vault's
+storage alone reveals nothing.
+
+Vaults made before key.json existed used HKDF-SHA256 over key material drawn from
+secrets.key (atrest.SecretsAtRest.derive_key) with the vault's storage key in `info`. They
+are migrated when first opened (at start-up, by reconcile): that derived key, once checked
+against a few of the vault's chunks, becomes the vault's data key and is wrapped into
+key.json. Migrating rather than falling back on every open gives one code path and lets
+such a vault survive the loss of secrets.key too, once a key file is configured.
+
+The vault's index (controlplane/vaultindex.py) lives in `meta` too: `vault.json`, written
+by create(), and each point's record, written by commit() before its manifest. Both are
+sealed under a key derived from the data key.
 
 Durability: a put is not fsynced; commit() syncs the chunk store (every chunk put so far
 durable) before it writes the manifest, and reconcile() at start-up decrypts the chunks put
@@ -46,10 +62,10 @@ import logging
 import os
 import re
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -58,18 +74,28 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from controlplane.atrest import SecretsAtRest
 from controlplane.chunkstore import ChunkStore, LocalVaultStores, VaultStores, check_vault_name
+from controlplane.vaultindex import VAULT_OBJECT, is_point_object, point_object
+from controlplane.vaultkeys import (
+    KEY_OBJECT,
+    KeyRing,
+    RecordError,
+    RecordSeal,
+    VaultKeyError,
+    new_data_key,
+)
+from gatewaycore import chunkcodec
 from gatewaycore import manifest as manifests
 from gatewaycore.manifest import CHUNK_ID_RE, CHUNK_SIZE, Manifest
 
 log = logging.getLogger("controlplane.vaults")
 
-ENCODINGS = ("zlib", "identity")
+ENCODINGS = chunkcodec.ENCODINGS  # the link accepts these (gatewaycore/chunkcodec.py)
 MAX_ENCODED_CHUNK = 4 * 1024 * 1024 + 1024
 MAX_LISTED_MISSING = 1000
 POINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _VERSION = 1
-_ENCODING_CODES = {"identity": 0, "zlib": 1}
+_ENCODING_CODES = {"identity": 0, "zlib": 1, "zstd": 2}
 _ENCODING_NAMES = {code: name for name, code in _ENCODING_CODES.items()}
 _HEADER = 2
 _NONCE = 12
@@ -78,6 +104,7 @@ OVERHEAD = _HEADER + _NONCE + _TAG
 _KEY_PURPOSE = "vaults"
 _HKDF_SALT = b"backup-gateway vault chunk key"
 _HKDF_INFO = b"vault chunks v1\x00"
+_LEGACY_CHECKS = 8   # chunks a migrated key is tried on (one that decrypts proves it)
 
 
 class VaultError(Exception):
@@ -112,7 +139,9 @@ class _Vault:
     name: str
     chunks: ChunkStore
     points: ChunkStore
+    meta: ChunkStore
     aead: AESGCM
+    records: RecordSeal
     lock: threading.Lock = field(default_factory=threading.Lock)
     reclaim_lock: threading.Lock = field(default_factory=threading.Lock)
     reclaiming: bool = False
@@ -121,10 +150,17 @@ class _Vault:
 
 
 @contextlib.contextmanager
-def _storage(vault: str, doing: str) -> Iterator[None]:
-    """An OSError becomes StorageError naming the vault (the log line has the detail)."""
+def _storage(vault: str, doing: str, *, key_errors: bool = False) -> Iterator[None]:
+    """An OSError becomes StorageError naming the vault (the log line has the detail); a key
+    or a record that does not open says why (it names no file and no key). `key_errors`:
+    a VaultKeyError goes through as it is."""
     try:
         yield
+    except (VaultKeyError, RecordError) as exc:
+        if key_errors and isinstance(exc, VaultKeyError):
+            raise
+        log.warning("event=vault_key_error vault=%s doing=%s error=%s", vault, doing, exc)
+        raise VaultError("StorageError", str(exc)) from None
     except OSError as exc:
         log.warning("event=vault_storage_error vault=%s doing=%s error=%s", vault, doing, exc)
         reason = exc.strerror or type(exc).__name__
@@ -134,23 +170,39 @@ def _storage(vault: str, doing: str) -> Iterator[None]:
 class Vaults:
     """All vaults of one control plane, under `root` (the state dir's `vaults/`)."""
 
-    def __init__(self, root: Path, secrets: SecretsAtRest, *,
-                 stores: VaultStores | None = None) -> None:
-        """`stores`: where the vaults' objects live; the local directory `root` by default."""
+    def __init__(self, root: Path, secrets: SecretsAtRest | None, *,
+                 stores: VaultStores | None = None, keyring: KeyRing | None = None) -> None:
+        """`stores`: where the vaults' objects live; the local directory `root` by default.
+        `keyring`: the key-encryption key of the vaults' data keys; by default one derived
+        from `secrets`. `secrets` also gives the keys of vaults made before key.json (None:
+        such vaults cannot be opened, as in a rebuild without the old secrets.key)."""
         self.root = root
         self._stores: VaultStores = stores if stores is not None else LocalVaultStores(root)
-        self._key_material = secrets.derive_key(_KEY_PURPOSE)
+        self._key_material = secrets.derive_key(_KEY_PURPOSE) if secrets is not None else None
+        if keyring is None:
+            if secrets is None:
+                raise ValueError("Vaults needs a key ring or the secrets key to derive one")
+            keyring = KeyRing.from_secrets(secrets)
+        self.keyring = keyring
         self._lock = threading.Lock()
         self._open_vaults: dict[str, _Vault] = {}
         self._tokens = itertools.count()
 
     # -- vaults ---------------------------------------------------------------------------
 
-    def create(self, vault: str) -> None:
-        """Make room for a new vault (idempotent)."""
+    def create(self, vault: str, record: dict[str, Any] | None = None) -> None:
+        """Make room for a new vault (idempotent): its storage, its data key (key.json) and,
+        given its `record` (vaultindex.vault_record), its vault.json, all durable when this
+        returns."""
         check_vault_name(vault)
         with _storage(vault, "create the vault"):
             self._stores.create(vault)
+            meta = self._stores.meta(vault)
+            if meta.put_if_absent(KEY_OBJECT, self.keyring.wrap(vault, new_data_key())):
+                log.info("event=vault_key_created vault=%s kek=%s", vault, self.keyring.key_id)
+            key = self.keyring.unwrap(vault, meta.get(KEY_OBJECT))
+            if record is not None:
+                _write_record(RecordSeal(vault, key), meta, VAULT_OBJECT, record)
 
     def drop(self, vault: str) -> None:
         """Remove an empty vault's storage (the API refuses a vault with points first)."""
@@ -162,9 +214,15 @@ class Vaults:
                 raise VaultError("VaultNotEmpty", f"vault {vault} still holds recovery points")
             with self._lock:
                 self._open_vaults.pop(vault, None)
+            # First, so that a drop cut short (a bucket's objects go one by one) leaves a
+            # vault a rebuild does not bring back.
+            self._stores.meta(vault).delete(VAULT_OBJECT)
             self._stores.drop(vault)
 
-    def _open(self, vault: str) -> _Vault:
+    def _open(self, vault: str, *, key_errors: bool = False) -> _Vault:
+        """The open vault; its data key is read (and a vault made before key.json migrated)
+        on the first open. `key_errors`: let VaultKeyError through (start-up refuses a wrong
+        key file) instead of answering StorageError."""
         try:
             check_vault_name(vault)
         except ValueError:
@@ -177,16 +235,56 @@ class Vaults:
                 raise VaultError("VaultMissing", f"vault {vault} has no storage (never "
                                  "created, or dropped)")
             opened = self._open_vaults.get(vault)
-            if opened is None:
-                opened = _Vault(vault, self._stores.chunks(vault), self._stores.points(vault),
-                                AESGCM(self._vault_key(vault)))
-                self._open_vaults[vault] = opened
+        if opened is not None:
             return opened
+        with _storage(vault, "open the vault", key_errors=key_errors):
+            key = self._data_key(vault)
+        made = _Vault(vault, self._stores.chunks(vault), self._stores.points(vault),
+                      self._stores.meta(vault), AESGCM(key), RecordSeal(vault, key))
+        with self._lock:  # the key is read outside the lock: a bucket may be slow
+            return self._open_vaults.setdefault(vault, made)
 
-    def _vault_key(self, vault: str) -> bytes:
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT,
-                    info=_HKDF_INFO + vault.encode())
-        return hkdf.derive(self._key_material)
+    def _data_key(self, vault: str) -> bytes:
+        """The vault's data key from key.json (VaultKeyError when it does not unwrap)."""
+        meta = self._stores.meta(vault)
+        try:
+            raw = meta.get(KEY_OBJECT)
+        except KeyError:
+            return self._migrate_key(vault)
+        return self.keyring.unwrap(vault, raw)
+
+    def _migrate_key(self, vault: str) -> bytes:
+        """A vault made before key.json: its key derived from secrets.key, checked on a few
+        of its chunks (a replaced secrets.key must not be wrapped as if it were right),
+        becomes its data key in key.json."""
+        if self._key_material is None:
+            raise VaultKeyError(f"vault {vault} has no {KEY_OBJECT} and no secrets.key is "
+                                "given to derive the key of a vault made before key.json")
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT,
+                   info=_HKDF_INFO + vault.encode()).derive(self._key_material)
+        trial = _Vault(vault, self._stores.chunks(vault), self._stores.points(vault),
+                       self._stores.meta(vault), AESGCM(key), RecordSeal(vault, key))
+        tried = opened = 0
+        for chunk_id in trial.chunks.names():
+            if tried >= _LEGACY_CHECKS or opened:
+                break
+            if not CHUNK_ID_RE.fullmatch(chunk_id):
+                continue
+            tried += 1
+            with contextlib.suppress(KeyError, VaultError):
+                _unseal(trial, chunk_id, trial.chunks.get(chunk_id))
+                opened += 1
+        if tried and not opened:
+            raise VaultKeyError(
+                f"vault {vault} has no {KEY_OBJECT} and none of {tried} of its chunks "
+                "decrypts with the key derived from secrets.key: it is not the secrets.key "
+                "this vault was written with")
+        self._stores.create(vault)  # idempotent: the meta store of a vault made before it
+        if not trial.meta.put_if_absent(KEY_OBJECT, self.keyring.wrap(vault, key)):
+            return self.keyring.unwrap(vault, trial.meta.get(KEY_OBJECT))  # another won
+        log.info("event=vault_key_migrated vault=%s kek=%s checked_chunks=%d", vault,
+                 self.keyring.key_id, tried)
+        return key
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -239,11 +337,13 @@ class Vaults:
 
     # -- recovery points ------------------------------------------------------------------
 
-    def commit(self, vault: str, point_id: str, manifest: Manifest) -> StoredPoint:
+    def commit(self, vault: str, point_id: str, manifest: Manifest,
+               record: dict[str, Any] | None = None) -> StoredPoint:
         """Make the recovery point durable: every chunk `manifest` names must be held
-        (VaultError MissingChunks with `missing=[...]` otherwise) and durable, then the
-        manifest is written atomically and durably. Only after this returns may the point
-        be COMPLETED."""
+        (VaultError MissingChunks with `missing=[...]` otherwise) and durable, then its
+        `record` (vaultindex.point_record: what a rebuild needs), then the manifest, each
+        written atomically and durably. Only after this returns may the point be
+        COMPLETED."""
         v = self._open(vault)
         name = _point_object(point_id)
         ids = frozenset(manifest.chunks())
@@ -263,6 +363,8 @@ class Vaults:
                         f"manifest of {point_id} names; send them and complete again",
                         missing=missing[:MAX_LISTED_MISSING])
                 v.chunks.sync()
+                if record is not None:  # before the manifest: no manifest lacks its record
+                    _write_record(v.records, v.meta, point_object(point_id), record)
                 data = json.dumps(manifest.to_json(), separators=(",", ":")).encode()
                 self._write_point(v, name, data)
         finally:
@@ -303,12 +405,49 @@ class Vaults:
         return _parse_point(vault, point_id, raw)
 
     def delete_point(self, vault: str, point_id: str) -> None:
-        """Remove a point's manifest (its chunks stay until reclaim)."""
+        """Remove a point's manifest, then its record (its chunks stay until reclaim). A
+        record left alone by a crash in between is not a point: a rebuild skips it."""
         v = self._open(vault)
         if not POINT_ID_RE.fullmatch(point_id):
             return
         with _storage(vault, f"delete recovery point {point_id}"):
             v.points.delete(_point_object(point_id))
+            v.meta.delete(point_object(point_id))
+
+    # -- the vault's index (vaultindex.py) -------------------------------------------------
+
+    def check_key(self, vault: str) -> None:
+        """Open the vault's data key now: VaultKeyError when key.json does not unwrap with
+        the key ring (or is missing and cannot be migrated), VaultError when the vault has
+        no storage."""
+        self._open(vault, key_errors=True)
+
+    def has_key_object(self, vault: str) -> bool:
+        """Whether the vault holds key.json (vaults made before it do not, until opened)."""
+        with _storage(vault, "look up key.json"):
+            return self._stores.meta(check_vault_name(vault)).has(KEY_OBJECT)
+
+    def record(self, vault: str, name: str) -> dict[str, Any] | None:
+        """A sealed record of the vault's index, opened; None when absent; VaultError
+        StorageError when it does not open (altered, or another vault's)."""
+        v = self._open(vault)
+        with _storage(vault, f"read {name}"):
+            try:
+                blob = v.meta.get(name)
+            except KeyError:
+                return None
+            return v.records.open(name, blob)
+
+    def point_record_names(self, vault: str) -> list[str]:
+        """The names of the vault's point records (vaultindex.point_object)."""
+        v = self._open(vault)
+        with _storage(vault, "list the point records"):
+            return sorted(n for n in v.meta.names() if is_point_object(n))
+
+    def storages(self) -> list[str]:
+        """The storage keys of every vault in the stores."""
+        with _storage("*", "list the vaults"):
+            return list(self._stores.vaults())
 
     def reclaim(self, vault: str, keep: Iterable[str]) -> tuple[int, int]:
         """Delete chunks that no committed manifest references and that are not in `keep`
@@ -370,7 +509,9 @@ class Vaults:
         self._stores.sweep()
         for vault in self._stores.vaults():
             try:
-                v = self._open(vault)
+                # A key that does not unwrap stops the start (the CLI says why): serving
+                # would fail every backup and restore of the vault.
+                v = self._open(vault, key_errors=True)
             except VaultError:
                 continue  # a creation a crash cut short: create() finishes it
             with _storage(vault, "check chunks at start-up"):
@@ -413,29 +554,20 @@ class Vaults:
 def _verify(chunk_id: str, encoding: str, body: memoryview) -> None:
     """Refuse (ChecksumMismatch) a body that is not the chunk `chunk_id`. Decompresses only
     to hash: the encoded bytes are what is kept, and at most CHUNK_SIZE + 1 bytes are ever
-    inflated, whatever the body claims (a zlib bomb stops there)."""
+    inflated, whatever the body claims (a bomb stops there: gatewaycore.chunkcodec)."""
     def refuse(why: str) -> VaultError:
         return VaultError("ChecksumMismatch", f"chunk {chunk_id}: {why}")
 
     if not CHUNK_ID_RE.fullmatch(chunk_id):
         raise refuse("a chunk id is 64 lowercase hex digits, the SHA-256 of its bytes")
     if encoding not in ENCODINGS:
-        raise refuse(f"unknown encoding {encoding!r} (zlib or identity)")
+        raise refuse(f"unknown encoding {encoding!r} ({', '.join(ENCODINGS)})")
     if body.nbytes > MAX_ENCODED_CHUNK:
         raise refuse(f"the body has {body.nbytes} bytes, more than {MAX_ENCODED_CHUNK}")
-    plain: bytes | memoryview = body
-    if encoding == "zlib":
-        inflater = zlib.decompressobj()
-        try:
-            plain = inflater.decompress(body, CHUNK_SIZE + 1)
-        except zlib.error as exc:
-            raise refuse(f"the body is not zlib data ({exc})") from None
-        if len(plain) > CHUNK_SIZE:
-            raise refuse(f"the body inflates to more than {CHUNK_SIZE} bytes")
-        if not inflater.eof or inflater.unused_data:
-            raise refuse("the body is not one complete zlib stream")
-    elif body.nbytes > CHUNK_SIZE:
-        raise refuse(f"the body has more than {CHUNK_SIZE} bytes")
+    try:
+        plain = chunkcodec.decode(encoding, body, CHUNK_SIZE)
+    except chunkcodec.CodecError as exc:
+        raise refuse(str(exc)) from None
     digest = hashlib.sha256(plain).hexdigest()
     if digest != chunk_id:
         raise refuse(f"the SHA-256 of its {len(plain)} decoded bytes is {digest}")
@@ -462,6 +594,20 @@ def _unseal(v: _Vault, chunk_id: str, blob: bytes) -> tuple[str, bytes]:
     except InvalidTag:
         raise damaged("fails authentication: altered, truncated, or not this vault's") from None
     return encoding, plain
+
+
+def _write_record(seal: RecordSeal, meta: ChunkStore, name: str, record: dict[str, Any]
+                  ) -> None:
+    """Write a sealed record durably; the same record again is a no-op, another one
+    replaces it (a point completed again, a create retried)."""
+    if meta.put_if_absent(name, seal.seal(name, record)):
+        return
+    with contextlib.suppress(KeyError, RecordError):
+        if seal.open(name, meta.get(name)) == json.loads(json.dumps(record)):
+            return
+    meta.delete(name)
+    if not meta.put_if_absent(name, seal.seal(name, record)):
+        raise OSError(0, f"another writer of {name} ran at the same time")
 
 
 def _point_object(point_id: str) -> str:

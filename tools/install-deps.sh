@@ -11,7 +11,12 @@ pkgs=(python3 python3-venv python3-dev gcc make qemu-system-x86 qemu-utils ovmf 
       # libvirt backups (appliance/hypervisors/libvirtbackup.py): libnbd's Python bindings read
       # the pull-mode backup's NBD exports (linked into the venv by the Makefile's venv
       # recipe); nbdcopy (libnbd-bin) is what the backup's throughput is measured against
-      python3-libnbd libnbd-bin)
+      python3-libnbd libnbd-bin
+      # the object-store tests (tests/objectstore, tools/cephrgw.py): a one-node Ceph cluster
+      # (monitor, one memstore OSD, RADOS Gateway) is the real S3-compatible store the vaults'
+      # S3 backend is tested against; no manager daemon is needed, and nothing here starts
+      # by itself
+      radosgw ceph-mon ceph-osd ceph-common)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -268,10 +268,12 @@ class NbdDiskReader:
                 raise HypervisorError(HYPERVISOR_ERROR, f"{self.where} does not offer "
                                       f"{self._context!r}")
         except nbd.Error as exc:
-            h.close()
+            _let_go(h)
+            del h  # the traceback keeps this frame: drop the handle now, not with it
             raise self._error("connecting to", exc) from None
         except BaseException:
-            h.close()
+            _let_go(h)
+            del h
             raise
         return h
 
@@ -306,8 +308,7 @@ class NbdDiskReader:
         with self._cond:
             if broken or self._closed:
                 self._handles.remove(h)
-                with contextlib.suppress(Exception):
-                    h.close()
+                _let_go(h)
             else:
                 self._idle.append(h)
             self._cond.notify()
@@ -378,10 +379,17 @@ class NbdDiskReader:
                 self._handles.remove(h)
             self._cond.notify_all()
         for h in idle:
-            with contextlib.suppress(Exception):
-                h.shutdown()
-            with contextlib.suppress(Exception):
-                h.close()
+            _let_go(h)
+
+
+def _let_go(h: Any) -> None:
+    """End an NBD handle: `shutdown` (a clean NBD_CMD_DISC when connected), then the
+    caller drops its reference and the bindings' destructor closes it. Debian's libnbd 1.14
+    bindings have no `close()`; calling it raised AttributeError, which replaced the
+    HypervisorError of a refused export. Only the bindings' own error is ignored (a handle
+    that never connected, or a server already gone, cannot shut down)."""
+    with contextlib.suppress(_nbd().Error):
+        h.shutdown()
 
 
 def _keepalive(sock: socket.socket, timeout: float) -> None:

@@ -111,7 +111,7 @@ class JobClient(LinkClient):
 
     def backup(self, job_id: str, chunks: list[tuple[str, bytes]], extents: list[list[Any]],
                incremental: bool = False, checkpoint: str | None = "cp-1",
-               vm: dict[str, Any] | None = None) -> LinkResponse:
+               vm: dict[str, Any] | None = None, **final: Any) -> LinkResponse:
         """A whole backup as the job runner makes it: started, missing, PUT what is
         missing, progress, complete."""
         assert self.job(job_id, "started", incremental=incremental, note="",
@@ -127,7 +127,7 @@ class JobClient(LinkClient):
         assert self.job(job_id, "progress", bytesTransferred=sent, backupSizeInBytes=DISK,
                         percentDone=99.0, message="sent").body == {"abort": False}
         return self.job(job_id, "complete", incremental=incremental, checkpoint=checkpoint,
-                        manifest=manifest_doc(extents, vm))
+                        manifest=manifest_doc(extents, vm), **final)
 
 
 @dataclass
@@ -335,6 +335,29 @@ def test_full_backup_makes_a_completed_point(setup: Setup) -> None:
     assert late.status == 409 and late.body["error"] == "JobEnded"
     with pytest.raises(bp.backup.exceptions.InvalidRequestException, match="COMPLETED"):
         bp.backup.stop_backup_job(BackupJobId=job_id)
+
+
+def test_complete_carries_the_final_bytes_transferred(setup: Setup) -> None:
+    """BytesTransferred at COMPLETED is the gateway's final count from `complete` (the
+    last progress report can be seconds old); a gateway that omits it keeps the last
+    progress figure; a bad value is refused before anything is committed."""
+    bp, gw = setup.bp, setup.gw
+    sent = len(A[1]) + len(B[1])     # what backup() reports in its progress
+    extents = [[0, 65536, A[0], 0], [4 * MiB, 65536, B[0], 0]]
+
+    old = bp.start(setup.web)["BackupJobId"]
+    assert gw.link.backup(old, [A, B], extents).status == 200
+    assert bp.state(old)["BytesTransferred"] == sent
+
+    job_id = bp.start(setup.web)["BackupJobId"]
+    bad = gw.link.backup(job_id, [A, B], extents, bytesTransferred=-1)
+    assert bad.status == 400 and bad.body["message"].startswith("bytesTransferred")
+    assert bp.state(job_id)["State"] == "RUNNING"
+    done = gw.link.job(job_id, "complete", incremental=False, checkpoint="cp-1",
+                       manifest=manifest_doc(extents, None), bytesTransferred=sent + 4321)
+    assert done.status == 200, done.body
+    job = bp.state(job_id)
+    assert job["State"] == "COMPLETED" and job["BytesTransferred"] == sent + 4321
 
 
 def test_incremental_is_composed_onto_its_base(setup: Setup) -> None:

@@ -293,3 +293,25 @@ def test_restore_refusals_and_abort(vm: Vm, connector: LibvirtConnector) -> None
         conn.close()
     with pytest.raises(HypervisorError):
         writer.write(CHUNK_SIZE * 15, b"x")   # the session is over
+
+
+def test_a_refused_export_name_is_a_hypervisor_error(vm: Vm,
+                                                     connector: LibvirtConnector) -> None:
+    """The NBD server refuses an export it does not serve: the reader says so as a
+    HypervisorError (libnbd's bindings have no close(); letting go of the handle must not
+    turn the refusal into an AttributeError)."""
+    import dataclasses
+
+    from appliance.hypervisors.libvirtbackup import NbdDiskReader
+
+    session = connector.begin_backup(vm.uuid, "job-refused", None)
+    try:
+        (disk,) = session.disks
+        assert isinstance(disk, NbdDiskReader)
+        wrong = dataclasses.replace(disk._export, exportname="no-such-export")
+        with pytest.raises(HypervisorError, match="connecting to disk sda") as err:
+            NbdDiskReader(wrong, disk._address, disk._port, disk._timeout, False)
+        assert "no-such-export" in err.value.message
+        assert disk.extents()  # the real export still reads
+    finally:
+        session.finish(False)

@@ -1,0 +1,154 @@
+"""The control plane with its vaults in a real Ceph RADOS Gateway bucket (`--vault-store`
+settings with [s3]): backups, an incremental, a restore's reads and the expiry's reclaim go
+to the bucket; a control plane whose state directory is gone entirely is rebuilt from the
+bucket, the settings and the master key alone; two control planes over the same vault
+storage put the same chunks at once and the bucket keeps exactly one of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.vaultsettings import load
+from tests.controlplane.vaultharness import (
+    A,
+    B,
+    C,
+    assert_same,
+    back_up,
+    rebuild_cli,
+    restore_reads,
+    snapshot,
+    vault_plane,
+)
+from tests.objectstore.conftest import REGION
+from tools import cephrgw
+
+PREFIX = "cp1/"
+
+
+@pytest.fixture
+def settings_file(rgw: cephrgw.Rgw, bucket: str, credentials_file: Path,
+                  tmp_path: Path) -> Path:
+    path = tmp_path / "vault-store.toml"
+    path.write_text(f"""
+[s3]
+endpoint_url = "{rgw.endpoint}"
+region = "{REGION}"
+bucket = "{bucket}"
+prefix = "{PREFIX}"
+credentials_file = "{credentials_file}"
+key_file = "master.key"
+""")
+    return path
+
+
+def keys(admin: Any, bucket: str) -> set[str]:
+    out: set[str] = set()
+    for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out |= {o["Key"] for o in page.get("Contents", [])}
+    return out
+
+
+def test_backup_incremental_restore_and_expiry_reclaim_in_the_bucket(
+        tmp_path: Path, settings_file: Path, admin: Any, bucket: str) -> None:
+    with vault_plane(tmp_path / "state", load(settings_file)) as bp:
+        _, before = back_up(bp)
+        storage = bp.plane.backups.vault("us-west-2", "vault1").storage
+        assert not (tmp_path / "state" / "vaults").exists()  # nothing went to the disk
+        held = keys(admin, bucket)
+        chunk_key = {cid: f"{PREFIX}{storage}/chunks/{cid[:2]}/{cid}" for cid, _ in (A, B, C)}
+        assert set(chunk_key.values()) <= held
+        first, second = (p["RecoveryPointArn"] for p in before.points)
+        first_id, second_id = (arn.rsplit(":", 1)[1] for arn in (first, second))
+        for point_id in (first_id, second_id):
+            assert f"{PREFIX}{storage}/points/{point_id}.json" in held
+            assert f"{PREFIX}{storage}/meta/rp-{point_id}.json" in held
+        assert {f"{PREFIX}{storage}/meta/key.json", f"{PREFIX}{storage}/meta/vault.json"} <= held
+        restore_reads(bp, second, before.restore_metadata)
+
+        # The full point expires after 30 days: its manifest and record go, and A (which
+        # only it named) is reclaimed from the bucket; B and C stay for the incremental.
+        bp.clock.advance(31 * 86400)
+        bp.tick()
+        listed = bp.backup.list_recovery_points_by_backup_vault(BackupVaultName="vault1")
+        assert [p["RecoveryPointArn"] for p in listed["RecoveryPoints"]] == [second]
+        held = keys(admin, bucket)
+        assert chunk_key[A[0]] not in held
+        assert {chunk_key[B[0]], chunk_key[C[0]]} <= held
+        assert f"{PREFIX}{storage}/points/{first_id}.json" not in held
+        assert f"{PREFIX}{storage}/meta/rp-{first_id}.json" not in held
+
+
+def test_rebuild_from_the_bucket_when_the_state_directory_is_gone(
+        tmp_path: Path, settings_file: Path) -> None:
+    state = tmp_path / "state"
+    with vault_plane(state, load(settings_file)) as bp:
+        _, before = back_up(bp)
+    shutil.rmtree(state)
+
+    master = tmp_path / "master.key"
+    kept = master.read_bytes()
+    master.write_bytes(os.urandom(32))
+    refused = rebuild_cli(state, settings_file)
+    assert refused.returncode == 2 and "was wrapped under another key" in refused.stderr
+    master.write_bytes(kept)
+
+    done = rebuild_cli(state, settings_file)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("vault vault1 (us-west-2, storage v-")
+    assert done.stdout.rstrip().endswith("restored; recovery points: 2 restored, "
+                                         "0 already present, 0 damaged")
+    with vault_plane(state, load(settings_file)) as bp:
+        after = snapshot(bp)
+        assert_same(before, after)
+        restore_reads(bp, after.points[-1]["RecoveryPointArn"], after.restore_metadata)
+
+
+def test_two_control_planes_put_the_same_chunks_at_once(tmp_path: Path,
+                                                        settings_file: Path) -> None:
+    """The second control plane is rebuilt from the bucket while the first runs, so both
+    serve the same vault storage; each chunk raced from both is stored exactly once, both
+    puts succeed, and either plane reads what the other stored."""
+    with vault_plane(tmp_path / "one", load(settings_file)) as one:
+        back_up(one)
+        done = rebuild_cli(tmp_path / "two", settings_file)
+        assert done.returncode == 0, done.stderr
+        with vault_plane(tmp_path / "two", load(settings_file)) as two:
+            storage = one.plane.backups.vault("us-west-2", "vault1").storage
+            assert two.plane.backups.vault("us-west-2", "vault1").storage == storage
+            for n in range(6):
+                plain = hashlib.sha256(f"raced {n}".encode()).digest() * 2048
+                chunk_id = hashlib.sha256(plain).hexdigest()
+                body = zlib.compress(plain, 1)
+                barrier = threading.Barrier(2)
+                results: dict[str, bool | BaseException] = {}
+
+                def put(name: str, plane: Any, chunk_id: str = chunk_id,
+                        body: bytes = body, barrier: threading.Barrier = barrier,
+                        results: dict[str, bool | BaseException] = results) -> None:
+                    barrier.wait()
+                    try:
+                        results[name] = plane.vaults.put_chunk(storage, chunk_id, "zlib",
+                                                               body)
+                    except BaseException as exc:  # reported below, not lost in a thread
+                        results[name] = exc
+
+                threads = [threading.Thread(target=put, args=(name, bp.plane))
+                           for name, bp in (("one", one), ("two", two))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                assert sorted(results.values(), key=str) == [False, True], results
+                for bp in (one, two):
+                    encoding, stored = bp.plane.vaults.get_chunk(storage, chunk_id)
+                    assert encoding == "zlib" and zlib.decompress(stored) == plain
