@@ -58,7 +58,7 @@ $(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
 # The tests that need no VM run on two workers, a file per worker at a time (module fixtures
 # stay per file), except the console's, which type into a real pty against deadlines and run
 # alone after them; the VM tests run last, each boot having the machine to itself.
-PARALLEL := -n 2 --dist loadfile
+PARALLEL := -n 3 --dist loadfile
 FAST := $(PY) -m pytest -m "not vm" -q $(PARALLEL) --ignore=tests/console && \
 	$(PY) -m pytest -m "not vm" -q tests/console
 
