@@ -56,8 +56,7 @@ $(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
 	tools/vcsim/build.sh $@
 
 # The tests that need no VM run on three workers (most wait on real processes, not the CPU),
-# a file per worker at a time (module fixtures
-# stay per file), except the console's, which type into a real pty against deadlines and run
+# a file per worker at a time (module fixtures stay per file), except the console's, which type into a real pty against deadlines and run
 # alone after them; the VM tests run last, each boot having the machine to itself.
 PARALLEL := -n 3 --dist loadfile
 FAST := $(PY) -m pytest -m "not vm" -q $(PARALLEL) --ignore=tests/console && \
