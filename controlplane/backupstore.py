@@ -456,7 +456,7 @@ class BackupStore:
                   limit: int) -> list[Job]:
         where = ["region=?", "job_type=?", "seq>?"]
         args: list[Any] = [region, job_type, after_seq]
-        for column, op, value in (
+        _add_filters(where, args, (
             ("resource_arn", "=", filters.resource_arn),
             ("state", "=", filters.state),
             ("vault_name", "=", filters.vault_name),
@@ -464,10 +464,7 @@ class BackupStore:
             ("created_at", ">", filters.created_after),
             ("completed_at", "<", filters.complete_before),
             ("completed_at", ">", filters.complete_after),
-        ):
-            if value is not None:
-                where.append(f"{column}{op}?")
-                args.append(value)
+        ))
         rows = self._db.execute(
             f"SELECT {_JOB_COLS} FROM backup_jobs WHERE {' AND '.join(where)} ORDER BY seq"
             " LIMIT ?", (*args, limit),
@@ -609,15 +606,12 @@ class BackupStore:
                     after_seq: int, limit: int) -> list[Point]:
         where = ["region=?", "seq>?"]
         args: list[Any] = [region, after_seq]
-        for column, op, value in (
+        _add_filters(where, args, (
             ("vault_name", "=", vault_name),
             ("resource_arn", "=", filters.resource_arn),
             ("created_at", "<", filters.created_before),
             ("created_at", ">", filters.created_after),
-        ):
-            if value is not None:
-                where.append(f"{column}{op}?")
-                args.append(value)
+        ))
         rows = self._db.execute(
             f"SELECT {_POINT_COLS} FROM recovery_points WHERE {' AND '.join(where)}"
             " ORDER BY seq LIMIT ?", (*args, limit),
@@ -780,3 +774,13 @@ def refresh_last_backup(db: sqlite3.Connection, resource_arn: str) -> None:
         "UPDATE vms SET last_backup=(SELECT MAX(completed_at) FROM recovery_points WHERE"
         " resource_arn=vms.arn AND status='COMPLETED') WHERE arn=?", (resource_arn,),
     )
+
+
+def _add_filters(where: list[str], args: list[Any],
+                 conditions: Iterable[tuple[str, str, Any]]) -> None:
+    """Append `column op ?` for each condition whose value is given (None: no filter).
+    Columns and operators are this module's constants, never a caller's text."""
+    for column, op, value in conditions:
+        if value is not None:
+            where.append(f"{column}{op}?")
+            args.append(value)
