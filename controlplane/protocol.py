@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane import cbor, sigv4
+from controlplane.apiauth import signed_caller
 from controlplane.apimodel import OPERATIONS, SIGNING_NAME, TARGET_PREFIX
 from controlplane.errors import MODELED_ERRORS, ApiError
 from controlplane.operations import BackupGatewayApi
@@ -301,28 +302,9 @@ class JsonApi:
     def _call(
         self, request: web.Request, wire: Wire, body: bytes
     ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.items():
-            headers.setdefault(name.lower(), []).append(value)
-        path, _, query = request.raw_path.partition("?")
         now = self.wall_clock()
-        caller = sigv4.verify(
-            request.method,
-            path,
-            query,
-            headers,
-            body,
-            self.lookup_secret,
-            SIGNING_NAME,
-            now,
-        )
-        if not self.throttle.allow(caller.access_key_id):
-            raise ApiError(
-                "ThrottlingException",
-                f"Rate exceeded: more than {self.throttle.rate:g} requests/s sustained for "
-                f"access key {caller.access_key_id}; retry later",
-                "RateExceeded",
-            )
+        caller, _, _ = signed_caller(request, body, self.lookup_secret, SIGNING_NAME, now,
+                                     self.throttle)
         # verify() refused a signature leaving X-Amz-Target out, and the path is signed:
         # `op` is the one the caller signed.
         op, named = wire.operation(request)

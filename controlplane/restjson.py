@@ -42,6 +42,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 
 from controlplane import sigv4
+from controlplane.apiauth import signed_caller
 from controlplane.backupmodel import (
     OPERATIONS,
     READ_ONLY,
@@ -491,20 +492,8 @@ class RestJsonApi:
     def _authenticate(self, request: web.Request, body: bytes) -> tuple[sigv4.Caller, str, str]:
         """The signer (SigV4, scope `backup`) once its key's rate allows; the raw path and
         query it signed."""
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.items():
-            headers.setdefault(name.lower(), []).append(value)
-        path, _, query = request.raw_path.partition("?")
-        caller = sigv4.verify(request.method, path, query, headers, body, self.lookup_secret,
-                              SIGNING_NAME, self.wall_clock())
-        if not self.throttle.allow(caller.access_key_id):
-            raise ApiError(
-                "ThrottlingException",
-                f"Rate exceeded: more than {self.throttle.rate:g} requests/s sustained for "
-                f"access key {caller.access_key_id}; retry later",
-                "RateExceeded",
-            )
-        return caller, path, query
+        return signed_caller(request, body, self.lookup_secret, SIGNING_NAME,
+                             self.wall_clock(), self.throttle)
 
     def _dispatch(self, request: web.Request, route: Route, caller: sigv4.Caller, path: str,
                   query: str, body: bytes) -> dict[str, Any] | Awaitable[dict[str, Any]]:
