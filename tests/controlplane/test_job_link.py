@@ -238,11 +238,13 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 @contextlib.contextmanager
 def backup_plane(state_dir: Path, clock: FakeClock | None = None,
-                 timings: JobTimings = TIMINGS) -> Iterator[BackupPlane]:
-    """A control plane over `state_dir`; stopped on exit, so another one over the same
-    directory is a restart."""
+                 timings: JobTimings = TIMINGS, vault_store: Any = None
+                 ) -> Iterator[BackupPlane]:
+    """A control plane over `state_dir` (its vaults where `vault_store` says, else the
+    state dir); stopped on exit, so another one over the same directory is a restart."""
     clock = clock or FakeClock()
-    plane = ControlPlane(state_dir, clock=clock, hub=ObservedPollHub(), job_timings=timings)
+    plane = ControlPlane(state_dir, clock=clock, hub=ObservedPollHub(), job_timings=timings,
+                         vault_store=vault_store)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()

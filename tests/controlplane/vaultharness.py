@@ -7,21 +7,18 @@ whose `backup_plane` takes no vault store: `vault_plane` is the same with one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import subprocess
 import sys
-import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controlplane.server import ControlPlane
 from controlplane.store import DB_FILE
 from controlplane.vaultsettings import VaultStoreSettings
-from tests.controlplane.cpharness import FakeClock, ObservedPollHub
+from tests.controlplane.cpharness import FakeClock
 from tests.controlplane.test_job_link import (
     ROLE,
     TIMINGS,
@@ -31,6 +28,7 @@ from tests.controlplane.test_job_link import (
     C,
     MiB,
     Setup,
+    backup_plane,
     one_gateway,
 )
 
@@ -41,32 +39,12 @@ INCREMENTAL_EXTENTS = [[0, 65536, C[0], 0]]
 COMPOSED_EXTENTS = [[0, 65536, C[0], 0], [4 * MiB, 65536, B[0], 0]]
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
-
-
 @contextlib.contextmanager
 def vault_plane(state_dir: Path, settings: VaultStoreSettings,
                 clock: FakeClock | None = None) -> Iterator[BackupPlane]:
     """test_job_link.backup_plane with `settings` as its vault store."""
-    clock = clock or FakeClock()
-    plane = ControlPlane(state_dir, clock=clock, hub=ObservedPollHub(), job_timings=TIMINGS,
-                         vault_store=settings)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
-    thread.start()
-    host, port = asyncio.run_coroutine_threadsafe(plane.start("127.0.0.1", 0), loop).result(10)
-    bp = BackupPlane(plane, clock, host, port, loop)
-    bp.backup = bp.client("backup")
-    bp.bgw = bp.client("backup-gateway")
-    try:
+    with backup_plane(state_dir, clock, TIMINGS, vault_store=settings) as bp:
         yield bp
-    finally:
-        asyncio.run_coroutine_threadsafe(plane.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 @dataclass
