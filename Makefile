@@ -15,7 +15,7 @@ help:
 	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
 	@echo "make test       install what is needed and run every test (unit, AWS CLI, console, VM)"
 	@echo "make test-fast  the tests that need no VM image"
-	@echo "make bench      the upload shaper benchmark"
+	@echo "make bench      the upload shaper and backup benchmarks (figures against baselines of the same run)"
 	@echo "make ova        build $(OVA) with Packer"
 	@echo "make controlplane  run the reference control plane on 127.0.0.1:8443"
 	@echo "make lint       ruff"

@@ -39,7 +39,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +72,11 @@ class ChunkStore(Protocol):
 
     def size(self, name: str) -> int | None:
         """The object's size in bytes, None when absent (a cheap look, no read)."""
+        ...
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int | None]:
+        """`size` of each name: one look each, made at once where a look is a round trip
+        (a backup's commit checks every chunk of its manifest)."""
         ...
 
     def delete(self, name: str) -> None:
@@ -245,6 +250,9 @@ class LocalChunkStore:
             return os.stat(self._path(name)).st_size
         except FileNotFoundError:
             return None
+
+    def sizes(self, names: Iterable[str]) -> dict[str, int | None]:
+        return {name: self.size(name) for name in names}
 
     def delete(self, name: str) -> None:
         path = self._path(name)

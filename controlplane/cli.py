@@ -136,8 +136,8 @@ async def _serve(plane: ControlPlane, host: str, port: int, tls: ssl.SSLContext 
         raise
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"{'https' if tls else 'http'}://{shown}:{bound_port}"
-    log.info("event=ready listen=%s:%d url=%s state_dir=%s", shown, bound_port, url,
-             plane.state_dir)
+    log.info("event=ready listen=%s:%d url=%s state_dir=%s vaults=%s", shown, bound_port, url,
+             plane.state_dir, plane.vault_store.describe())
     print(f"event=ready listen={shown}:{bound_port} url={url}", flush=True)
     await stop.wait()
     log.info("event=stopping")

@@ -227,16 +227,17 @@ class Vaults:
             check_vault_name(vault)
         except ValueError:
             raise VaultError("VaultMissing", f"there is no vault {vault!r}") from None
-        with _storage(vault, "open the vault"):
-            exists = self._stores.exists(vault)
         with self._lock:
-            if not exists:
-                self._open_vaults.pop(vault, None)
-                raise VaultError("VaultMissing", f"vault {vault} has no storage (never "
-                                 "created, or dropped)")
             opened = self._open_vaults.get(vault)
         if opened is not None:
+            # Open already: a drop goes through this object and forgets it, so no look at
+            # the store (on a bucket, a round trip per chunk) is needed to know it is there.
             return opened
+        with _storage(vault, "open the vault"):
+            exists = self._stores.exists(vault)
+        if not exists:
+            raise VaultError("VaultMissing", f"vault {vault} has no storage (never "
+                             "created, or dropped)")
         with _storage(vault, "open the vault", key_errors=key_errors):
             key = self._data_key(vault)
         made = _Vault(vault, self._stores.chunks(vault), self._stores.points(vault),
@@ -291,8 +292,10 @@ class Vaults:
     def missing(self, vault: str, chunk_ids: Iterable[str]) -> list[str]:
         """The ids (in the order given) the vault does not hold."""
         v = self._open(vault)
+        ids = list(chunk_ids)
         with _storage(vault, "look up chunks"):
-            return [c for c in chunk_ids if not (CHUNK_ID_RE.fullmatch(c) and v.chunks.has(c))]
+            held = v.chunks.sizes(c for c in ids if CHUNK_ID_RE.fullmatch(c))
+        return [c for c in ids if held.get(c) is None]
 
     def put_chunk(self, vault: str, chunk_id: str, encoding: str, body: bytes) -> bool:
         """Decode `body`, check its length (<= CHUNK_SIZE) and that SHA-256(plain) ==
@@ -306,8 +309,8 @@ class Vaults:
             if v.reclaiming:
                 v.touched.add(chunk_id)
         with _storage(vault, f"store chunk {chunk_id}"):
-            if v.chunks.has(chunk_id):
-                return False  # the usual case of a repeated backup: no encryption needed
+            # No look first: a gateway sends only what `missing` just called absent, and on
+            # an object store a look is one more round trip per chunk.
             return v.chunks.put_if_absent(chunk_id, self._seal(v, chunk_id, encoding, view))
 
     def get_chunk(self, vault: str, chunk_id: str) -> tuple[str, bytes]:
@@ -354,7 +357,7 @@ class Vaults:
                 v.touched |= ids
         try:
             with _storage(vault, f"commit recovery point {point_id}"):
-                sizes = {c: v.chunks.size(c) for c in ids}
+                sizes = v.chunks.sizes(ids)
                 missing = sorted(c for c, size in sizes.items() if size is None)
                 if missing:
                     raise VaultError(

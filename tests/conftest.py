@@ -143,6 +143,7 @@ class ControlPlane:
     state_dir: Path
     port: int
     proc: Proc | None = None
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--vault-store", FILE]
 
     @property
     def url(self) -> str:
@@ -151,7 +152,7 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         self.proc = Proc(
             [PYTHON, "-m", "controlplane", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--state-dir", str(self.state_dir)],
+             "--state-dir", str(self.state_dir), *self.extra_args],
             env=child_env(),
         )
         self.proc.wait_for_line(r"event=ready")

@@ -32,7 +32,11 @@ plain tool doing the same work on the same disk minutes apart:
    what the gateway put on the wire, 10 ms bins): aggregate aligned 1 s windows and the
    worst sliding 1 s window as % of the limit; the same from the hook (what the control
    plane read, which also shows its own stalls); Jain's index of the four jobs' bytes
-   (hook, per job) while all four sent.
+   (hook, per job) while all four sent;
+6. a full backup of the main VM by a second gateway to a second control plane whose vault
+   is in an S3 bucket of a one-node Ceph RGW (tools/cephrgw.py) against a plain boto3 PUT
+   loop of the same bytes (the disk's allocated data in 4 MiB pieces) to the same bucket,
+   before and after (A-B-A).
 
 Each figure is followed by `profile:` lines: where the job's time went (the daemon's own
 log events), the job's read or write side run alone with the gateway's own connector (its
@@ -81,8 +85,10 @@ import controlplane.joblink as cp_joblink
 from appliance.hypervisors import Target, connector_for
 from appliance.hypervisors.libvirtbackup import running_backup
 from appliance.localclient import UnixHTTPConnection
+from controlplane.s3store import S3Settings
 from controlplane.server import ControlPlane
-from tools import libvirtd
+from controlplane.vaultsettings import S3, VaultStoreSettings
+from tools import cephrgw, libvirtd
 
 REPO = Path(__file__).resolve().parents[1]
 LIBVIRT_CACHE = REPO / "build" / "libvirt-cache"
@@ -375,9 +381,10 @@ class Plane:
     """The real control plane on 127.0.0.1:<free port>, its loop in a thread of this process
     (tests/integration/test_jobrunner.py runs it the same way), with the Receipts hook."""
 
-    def __init__(self, state_dir: Path, receipts: Receipts) -> None:
+    def __init__(self, state_dir: Path, receipts: Receipts,
+                 vault_store: VaultStoreSettings | None = None) -> None:
         cp_joblink.read_at_most = receipts.read_at_most  # type: ignore[assignment]
-        self.plane = ControlPlane(state_dir)
+        self.plane = ControlPlane(state_dir, vault_store=vault_store)
         self.plane.job_ops.complete = receipts.timed_complete(  # type: ignore[method-assign]
             self.plane.job_ops.complete)
         self.loop = asyncio.new_event_loop()
@@ -683,12 +690,13 @@ class Site:
     a vault: what a user sets up before the first backup."""
 
     def __init__(self, work: Path, plane_dir: Path, stack: contextlib.ExitStack,
-                 hv: Hypervisor) -> None:
+                 hv: Hypervisor, vault_store: VaultStoreSettings | None = None,
+                 name: str = "gateway") -> None:
         self.hv = hv
         self.receipts = Receipts()
-        self.plane = Plane(plane_dir, self.receipts)
+        self.plane = Plane(plane_dir, self.receipts, vault_store)
         stack.callback(self.plane.stop)
-        self.gateway = Gateway(work / "gateway", self.plane.url)
+        self.gateway = Gateway(work / name, self.plane.url)
         stack.callback(self.gateway.stop)
         gw = self.plane.gw
         self.gateway_arn = gw.create_gateway(
@@ -1209,6 +1217,121 @@ def concurrent(site: Site, doms: list[Domain], arns: dict[str, str],
         f"{'met' if j >= 0.99 else 'NOT met'}")
 
 
+# -- figure 6: the vault in an S3 bucket (Ceph RGW) --------------------------------------------
+
+
+S3_REGION = "us-east-1"
+S3_BUCKET = "bench-vaults"
+PLAIN_PREFIX = "plain-put/"
+
+
+def disk_pieces(dom: Domain, work: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """The VM's disk as raw (qemu-img convert, sparse) and its allocated data cut in chunk
+    sized pieces: the bytes the backup reads, for the plain PUT loop to send."""
+    raw = work / "s3-plain.raw"
+    run("qemu-img", "convert", "-U", "-O", "raw", str(dom.disk), str(raw))
+    pieces = []
+    for start, length in data_ranges(raw):
+        for at in range(start, start + length, 4 * MiB):
+            pieces.append((at, min(4 * MiB, start + length - at)))
+    return raw, pieces
+
+
+def plain_put_loop(s3: Any, raw: Path, pieces: list[tuple[int, int]], threads: int = 1
+                   ) -> Copy:
+    """The baseline: each piece PUT with boto3 as it is, one after another (or `threads`
+    at once), then deleted so the in-memory OSD holds only the vault."""
+    def put(item: tuple[int, tuple[int, int]]) -> None:
+        index, (at, n) = item
+        with raw.open("rb") as f:
+            f.seek(at)
+            s3.put_object(Bucket=S3_BUCKET, Key=f"{PLAIN_PREFIX}{index:08d}", Body=f.read(n))
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
+    if threads == 1:
+        for item in enumerate(pieces):
+            put(item)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(put, enumerate(pieces)))
+    seconds = time.monotonic() - started
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    keys = [{"Key": f"{PLAIN_PREFIX}{i:08d}"} for i in range(len(pieces))]
+    for i in range(0, len(keys), 1000):
+        s3.delete_objects(Bucket=S3_BUCKET, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Copy(seconds, sum(n for _, n in pieces), cpu)
+
+
+def stored_bytes(s3: Any, prefix: str) -> tuple[int, int]:
+    """(objects, bytes) under `prefix` in the bench bucket."""
+    count = total = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            count += 1
+            total += int(item["Size"])
+    return count, total
+
+
+def s3_backup(work: Path, plane_root: Path, stack: contextlib.ExitStack, hv: Hypervisor,
+              dom: Domain) -> None:
+    """Figure 6: a second control plane whose vaults live in a bucket of a one-node Ceph RGW
+    (tools/cephrgw.py, its OSD in memory), a second gateway daemon activated on it; a full
+    backup of the main VM to it, between two plain boto3 PUT loops of the same bytes (the
+    disk's allocated data in 4 MiB pieces) to the same bucket."""
+    rgw = cephrgw.start(work / "ceph")
+    stack.callback(rgw.stop)
+    s3 = boto3.client("s3", endpoint_url=rgw.endpoint, region_name=S3_REGION,
+                      aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
+                      config=Config(s3={"addressing_style": "path"},
+                                    max_pool_connections=16,
+                                    request_checksum_calculation="when_required",
+                                    response_checksum_validation="when_required"))
+    s3.create_bucket(Bucket=S3_BUCKET)
+    credentials = work / "s3-credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = {rgw.access_key}\n"
+                           f"aws_secret_access_key = {rgw.secret_key}\n")
+    credentials.chmod(0o600)
+    settings = VaultStoreSettings(kind=S3, s3=S3Settings(
+        endpoint_url=rgw.endpoint, region=S3_REGION, bucket=S3_BUCKET, prefix="cp/",
+        credentials_file=credentials))
+    raw, pieces = disk_pieces(dom, work)
+    site = Site(work, plane_root / "controlplane-s3", stack, hv, vault_store=settings,
+                name="gateway-s3")
+    arn = site.vm_arns([dom.name])[dom.name]
+    before = plain_put_loop(s3, raw, pieces)
+    job = site.backup(arn, hv.qemu_pid(dom.name))
+    after = plain_put_loop(s3, raw, pieces)
+    wide = plain_put_loop(s3, raw, pieces, threads=4)
+    raw.unlink()
+    allocated = before.nbytes
+    base = (before.nbytes + after.nbytes) / (before.seconds + after.seconds)
+    rate = allocated / job.seconds
+    objects, stored = stored_bytes(s3, "cp/")
+    chunks, manifest = site.receipts.sent(job.job_id)
+    say(f"6. full backup of the same VM ({allocated / MiB:.1f} MiB allocated) by a second "
+        f"gateway to a control plane whose vault is in an S3 bucket (one-node Ceph RGW "
+        f"{rgw.endpoint}, OSD in memory):")
+    say(f"   gateway to the bucket: {mb_s(allocated, job.seconds):7.1f} MB/s  "
+        f"(RUNNING->COMPLETED {job.seconds:.2f} s; sent {chunks / MiB:.1f} MiB of chunks + "
+        f"{manifest / 1024:.1f} KiB manifest; the bucket holds {objects} objects, "
+        f"{stored / MiB:.1f} MiB: chunks compressed and encrypted, manifests, vault records)")
+    say(f"   plain PUT loop:        {base / 1e6:7.1f} MB/s  (boto3 put_object of the same "
+        f"bytes in {len(pieces)} pieces of <= 4 MiB, one at a time, to the same bucket; before "
+        f"{before.seconds:.2f} s, after {after.seconds:.2f} s)")
+    say(f"   ratio {rate / base:.2f}x   goal >= 0.8x   "
+        f"{'met' if rate / base >= 0.8 else 'NOT met'}")
+    say("   profile: " + phases(site.gateway.events(job.job_id), job.started, job.completed, [
+        ("poll to start", "job_started"), ("begin_backup", "libvirt_backup_begun"),
+        ("extents+started", "backup_started"), ("read/hash/send/complete",
+                                                  "backup_completed")],
+        site.receipts.complete_seconds.get(job.job_id)))
+    say(f"   profile: the same loop with 4 PUTs at once {mb_s(wide.nbytes, wide.seconds):.1f} "
+        f"MB/s; {cpu_line(job, allocated)}")
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -1238,7 +1361,7 @@ def own_seconds(hv: Hypervisor) -> float:
     return total
 
 
-def bench(sizes: Sizes, work: Path, plane_dir: Path) -> None:
+def bench(sizes: Sizes, work: Path, plane_dir: Path, s3_only: bool = False) -> None:
     with contextlib.ExitStack() as stack:
         t0 = time.monotonic()
         busy0 = busy_seconds()
@@ -1250,11 +1373,14 @@ def bench(sizes: Sizes, work: Path, plane_dir: Path) -> None:
         main = hv.start_domain("bench-main", disks / "main.qcow2", sizes.disk,
                                sum(n for _, n in extents))
         others = []
-        for i in range(4):
+        for i in range(0 if s3_only else 4):
             path = disks / f"conc{i}.qcow2"
             ext = make_disk(path, sizes.concurrent_disk, sizes.concurrent_fraction, 10 + i, 0.0)
             others.append(hv.start_domain(f"bench-conc{i}", path, sizes.concurrent_disk,
                                           sum(n for _, n in ext)))
+        if s3_only:
+            s3_backup(work, plane_dir.parent, stack, hv, main)
+            return
         site = Site(work, plane_dir, stack, hv)
         arns = site.vm_arns([main.name] + [d.name for d in others])
         say(f"backup benchmark: {psutil.cpu_count()} CPUs; private libvirtd on "
@@ -1267,6 +1393,7 @@ def bench(sizes: Sizes, work: Path, plane_dir: Path) -> None:
         restore(site, main, inc.doc["RecoveryPointArn"], work,
                 f"{inc.doc.get('BackupType', '?').lower()}, composed by the control plane")
         concurrent(site, others, arns, stack)
+        s3_backup(work, plane_dir.parent, stack, hv, main)
         wall = time.monotonic() - t0
         busy, own = busy_seconds() - busy0, own_seconds(hv)
         cpus = psutil.cpu_count() or 1
@@ -1284,6 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small disks: a smoke run of every figure in about a minute")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
+    parser.add_argument("--s3-only", action="store_true",
+                        help="figure 6 alone (the vault in a Ceph RGW bucket)")
     parser.add_argument("--proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument(
         "--plane-on-disk", action="store_true",
@@ -1298,7 +1427,8 @@ def main(argv: list[str] | None = None) -> int:
         print("backupbench: run as root (libvirtd runs in its own mount namespace)",
               file=sys.stderr)
         return 1
-    missing = libvirtd.missing_programs() + [p for p in ("nbdcopy", "qemu-nbd", "qemu-io")
+    missing = libvirtd.missing_programs() + cephrgw.missing_programs() + [
+        p for p in ("nbdcopy", "qemu-nbd", "qemu-io")
                                              if shutil.which(p) is None]
     if missing:
         print(f"backupbench: missing {', '.join(missing)}: run tools/install-deps.sh",
@@ -1322,7 +1452,7 @@ def main(argv: list[str] | None = None) -> int:
                                       dir=None if args.plane_on_disk or not shm.is_dir()
                                       else shm)) / "controlplane"
     try:
-        bench(sizes, work, plane_dir)
+        bench(sizes, work, plane_dir, args.s3_only)
     except KeyboardInterrupt:
         print("backupbench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ or a Ceph of the machine's own: every path is inside the base directory and ever
 gets `-c <dir>/ceph.conf`.
 
     python -m tools.cephrgw start --dir build/ceph [--port 7480]   # prints AWS_* exports
+        [--vault-store build/vault-store.toml]   # + bucket, keys file, control plane settings
     python -m tools.cephrgw stop --dir build/ceph
 """
 
@@ -38,12 +39,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gatewaycore.atomicfile import write_atomic
+
 REQUIRED_PROGRAMS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph")
 STATE_FILE = "cephrgw.json"
 RGW_NAME = "client.rgw.gw"
 DEFAULT_PORT = 7480
 START_TIMEOUT = 60.0
 STOP_GRACE = 5.0
+VAULT_BUCKET = "backup-vaults"   # --vault-store: the bucket made for the control plane
+CREDENTIALS_FILE = "s3-credentials"
+S3_REGION = "us-east-1"
 MEMSTORE_BYTES = 4 << 30   # a cap, not an allocation: memstore holds what is stored
 
 
@@ -356,6 +362,35 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def write_vault_store(rgw: Rgw, settings: Path) -> None:
+    """The bucket VAULT_BUCKET, the S3 user's keys as an AWS shared-credentials file in the
+    cluster's directory (profiles `default` and `ceph`; gone with the cluster), and the
+    control plane's settings for them in `settings` (its master key file beside it)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=rgw.endpoint, region_name=S3_REGION,
+                          aws_access_key_id=rgw.access_key,
+                          aws_secret_access_key=rgw.secret_key,
+                          config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=VAULT_BUCKET)
+    keys = (f"aws_access_key_id = {rgw.access_key}\n"
+            f"aws_secret_access_key = {rgw.secret_key}\n")
+    credentials = rgw.base_dir / CREDENTIALS_FILE
+    write_atomic(credentials, f"[default]\n{keys}[ceph]\n{keys}".encode(), mode=0o600)
+    settings = settings.resolve()
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(settings, (
+        "# Written by python -m tools.cephrgw start: vaults in the local one-node Ceph RGW.\n"
+        "[s3]\n"
+        f'endpoint_url = "{rgw.endpoint}"\n'
+        f'region = "{S3_REGION}"\n'
+        f'bucket = "{VAULT_BUCKET}"\n'
+        f'credentials_file = "{credentials}"\n'
+        '# the vaults\' master key, made when missing: keep a copy off this machine\n'
+        'key_file = "vault-master.key"\n').encode(), mode=0o644)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.cephrgw", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,7 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True, help="the cluster's base directory")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"the S3 port on 127.0.0.1 (start; default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--vault-store", type=Path, metavar="FILE",
+        help=f"start: also create the bucket {VAULT_BUCKET!r}, write the S3 user's keys to "
+             f"<dir>/{CREDENTIALS_FILE} and FILE, the control plane's vault store settings "
+             "for this cluster (python -m controlplane serve --vault-store FILE)")
     args = parser.parse_args(argv)
+    if args.vault_store is not None and args.command != "start":
+        parser.error("--vault-store goes with start")
     if args.command == "stop":
         try:
             rgw = Rgw.load(args.dir.resolve())
@@ -383,6 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     rgw.processes.clear()
     print(f"# S3 endpoint {rgw.endpoint} (path-style, any region); daemons "
           f"{rgw.pids}; stop with: python -m tools.cephrgw stop --dir {args.dir}")
+    if args.vault_store is not None:
+        try:
+            write_vault_store(rgw, args.vault_store)
+        except (OSError, RuntimeError) as exc:
+            rgw.stop()
+            print(f"Ceph started but the vault store settings were not written: {exc}",
+                  file=sys.stderr)
+            return 1
+        print(f"# bucket {VAULT_BUCKET}; vault store settings in {args.vault_store}")
     print(f"export AWS_ACCESS_KEY_ID={rgw.access_key}")
     print(f"export AWS_SECRET_ACCESS_KEY={rgw.secret_key}")
     return 0

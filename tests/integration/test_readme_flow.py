@@ -390,3 +390,58 @@ def test_without_a_vm_section_as_printed(tmp_path: Path, gw_dir: Path, demo_dir:
         for proc in reversed(background):
             with contextlib.suppress(Exception):
                 proc.stop()
+
+
+def test_s3_vaults_section_as_printed(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    """"Vaults in an S3 bucket": a real one-node Ceph RGW started and stopped by the
+    README's commands, a control plane on its bucket, a vault whose objects show in it."""
+    ceph_port, cp_port = free_port(), free_port()
+    ceph_dir = tmp_path / "ceph"
+    shell = Shell({"tools.cephrgw start --dir build/ceph":
+                   f"tools.cephrgw start --dir {ceph_dir} --port {ceph_port}",
+                   "build/ceph": str(ceph_dir),
+                   "127.0.0.1:7480": f"127.0.0.1:{ceph_port}",
+                   "127.0.0.1:8444": f"127.0.0.1:{cp_port}",
+                   "build/vault-store.toml": str(tmp_path / "vault-store.toml"),
+                   "build/controlplane-s3": str(tmp_path / "controlplane-s3"),
+                   ".venv/bin/": f"{VENV_BIN}/"}, aws_env())
+    [block] = section_blocks("Vaults in an S3 bucket")
+    plane: Proc | None = None
+    stopped = False
+    try:
+        for command in commands(block):
+            if "tools.cephrgw start" in command:
+                assert "vault store settings in" in shell.run(command)
+                assert "bucket = \"backup-vaults\"" in (tmp_path / "vault-store.toml").read_text()
+            elif command.endswith("&"):
+                plane = Proc(shlex.split(shell.substitute(command[:-1])), env=child_env())
+                line = plane.wait_for_line(r"event=ready .*vaults=")
+                assert f'vaults="s3 endpoint=http://127.0.0.1:{ceph_port} ' in line, line
+            elif command.startswith("eval "):
+                shell.keep(command)
+            elif "create-backup-vault" in command:
+                assert json.loads(shell.run(command))["BackupVaultName"] == "s3-vault"
+            elif " s3 ls " in command:
+                keys = shell.run(command)
+                # the vault's marker, its wrapped data key and its record: all in the bucket
+                assert re.search(r"v-\w+/meta/key\.json", keys), keys
+                assert re.search(r"v-\w+/meta/vault\.json", keys), keys
+            elif command == "kill %1":
+                assert plane is not None
+                plane.stop()
+            elif "tools.cephrgw stop" in command:
+                assert "stopped the cluster" in shell.run(command)
+                stopped = True
+            else:
+                raise AssertionError(f"a README command this test does not check: {command}")
+        assert plane is not None and stopped, "the README lost a step"
+        assert not ceph_dir.exists()
+        assert shell.used == set(shell.values), shell.used
+    finally:
+        if plane is not None:
+            with contextlib.suppress(Exception):
+                plane.stop()
+        if not stopped:
+            subprocess.run([sys.executable, "-m", "tools.cephrgw", "stop", "--dir",
+                            str(ceph_dir)], cwd=REPO, capture_output=True, timeout=60,
+                           check=False)
