@@ -212,7 +212,7 @@ class JobLink:
                 reason = f"no answer within {timeout:.0f}s"
             raise _Attempt(reason) from None
         if status >= 500:
-            raise _Attempt(f"HTTP {status}")
+            raise _Attempt(f"HTTP {status}{_said(raw, got)}")
         doc: Any = None
         if got.get("Content-Type", "").startswith("application/json"):
             try:
@@ -557,3 +557,18 @@ class LinkedJob:
             self.reported = True  # already ended, or no longer ours: nothing to report to
         except JobLinkError as exc:
             log.warning("event=job_report_failed job_id=%s reason=%s", self.job_id, str(exc))
+
+
+def _said(raw: bytes, headers: CIMultiDict[str]) -> str:
+    """': <message>' of a JSON error answer (a 5xx names its cause, e.g. the vault's storage
+    backend), bounded and printable, so a job that fails after its retries says why."""
+    if not headers.get("Content-Type", "").startswith("application/json"):
+        return ""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return ""
+    message = doc.get("message") if isinstance(doc, dict) else None
+    if not isinstance(message, str) or not message:
+        return ""
+    return ": " + "".join(c if c.isprintable() else "?" for c in message[:300])

@@ -19,6 +19,7 @@ after the vault made the manifest durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections import OrderedDict
@@ -51,6 +52,7 @@ MAX_CHECKPOINT = 256
 # what one gateway can make the server hold.
 MAX_COMPLETE_BODY = 256 * 1024 * 1024
 MAX_SMALL_BODY = 64 * 1024
+STORAGE_WAIT = "waiting for the vault's storage (the gateway retries): "
 _PRINTABLE = re.compile(r"[ -~]+")
 # restore jobs whose manifests' chunk sets are cached (chunk GETs check against them)
 MAX_CACHED_MANIFESTS = 64
@@ -166,6 +168,17 @@ class JobOps:
                                                 "this gateway; drop it")
         return updated
 
+    def _refused(self, job: Job, err: VaultError) -> LinkError:
+        """A vault refusal as the link's answer. When the vault's storage failed (a bucket
+        gone, its endpoint down, credentials refused), the job's StatusMessage says so and
+        names the backend while its gateway retries: DescribeBackupJob shows why it waits."""
+        if err.code == "StorageError" and job.state == "RUNNING":
+            log.warning("event=vault_storage_error job=%s message=%s", job.job_id, err.message)
+            with contextlib.suppress(LinkError):
+                self._changed(job, job.gateway_id or "", status_message=(
+                    f"{STORAGE_WAIT}{err.message}")[:MAX_MESSAGE])
+        return vault_refused(err)
+
     # -- backup ---------------------------------------------------------------------------
 
     def started(self, identity: Identity, job_id: str, payload: dict[str, Any]
@@ -200,7 +213,7 @@ class JobOps:
         try:
             absent = await asyncio.to_thread(self.vaults.missing, job.storage, chunks)
         except VaultError as err:
-            raise vault_refused(err) from None
+            raise self._refused(job, err) from None
         return {"missing": absent}
 
     def admit_chunk(self, identity: Identity, job_id: str, chunk_id: str, encoding: str,
@@ -228,7 +241,13 @@ class JobOps:
             stored = await asyncio.to_thread(self.vaults.put_chunk, job.storage,
                                              admitted.chunk_id, admitted.encoding, body)
         except VaultError as err:
-            raise vault_refused(err) from None
+            raise self._refused(job, err) from None
+        current = self.backups.job(job.job_id)
+        if current is not None and (current.status_message or "").startswith(STORAGE_WAIT):
+            with contextlib.suppress(LinkError):  # the storage is back
+                self._changed(current, current.gateway_id or "", status_message=(
+                    f"running on gateway {self._gateway_arn(admitted.identity)}: the vault's "
+                    "storage answers again"))
         return (201, {"stored": True}) if stored else (200, {"stored": False})
 
     def progress(self, identity: Identity, job_id: str, payload: dict[str, Any]
@@ -300,7 +319,7 @@ class JobOps:
                                              composed, vaultindex.point_record(
                                                  job, new_point, now))
         except VaultError as err:
-            raise vault_refused(err) from None
+            raise self._refused(job, err) from None
         if transferred is not None:  # a job changed meanwhile is left to the None below
             self.backups.update_job(job.job_id, ACTIVE, gateway_id=gateway_id,
                                     bytes_transferred=transferred)

@@ -586,10 +586,16 @@ class S3ChunkStore:
         N / max_pool_connections round trips, not N."""
         wanted = list(dict.fromkeys(names))
         if len(wanted) < 2:
-            return {name: self.size(name) for name in wanted}
-        workers = min(self.bucket.settings.max_pool_connections, len(wanted))
-        with ThreadPoolExecutor(workers, thread_name_prefix="s3-head") as pool:
-            return dict(zip(wanted, pool.map(self.size, wanted), strict=True))
+            found = {name: self.size(name) for name in wanted}
+        else:
+            workers = min(self.bucket.settings.max_pool_connections, len(wanted))
+            with ThreadPoolExecutor(workers, thread_name_prefix="s3-head") as pool:
+                found = dict(zip(wanted, pool.map(self.size, wanted), strict=True))
+        if None in found.values():
+            # A HEAD's 404 is the same for a missing object and a missing bucket: a gone
+            # bucket must be a storage error, not "send those chunks again".
+            self.bucket.check()
+        return found
 
     def delete(self, name: str) -> None:
         self.bucket.delete(self.key(name))

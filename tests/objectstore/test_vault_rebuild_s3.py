@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from controlplane.vaultsettings import load
+from tests.controlplane.test_job_link import DISK, manifest_doc, one_gateway
 from tests.controlplane.vaultharness import (
+    FULL_EXTENTS,
     A,
     B,
     C,
@@ -152,3 +154,41 @@ def test_two_control_planes_put_the_same_chunks_at_once(tmp_path: Path,
                 for bp in (one, two):
                     encoding, stored = bp.plane.vaults.get_chunk(storage, chunk_id)
                     assert encoding == "zlib" and zlib.decompress(stored) == plain
+
+
+def test_a_bucket_gone_mid_backup_is_named_and_nothing_completes(
+        tmp_path: Path, settings_file: Path, admin: Any, bucket: str, rgw: cephrgw.Rgw) -> None:
+    """The vault's bucket deleted in the middle of a backup: the gateway's chunk PUT and
+    `complete` get a 5xx naming the bucket and its endpoint (the gateway retries those), the
+    job stays RUNNING with a StatusMessage saying what it waits for, no recovery point
+    appears; once the bucket answers again a chunk goes in and the message says so."""
+    with vault_plane(tmp_path / "state", load(settings_file)) as bp:
+        setup = one_gateway(bp)
+        link = setup.gw.link
+        job_id = bp.start(setup.web)["BackupJobId"]
+        assert link.job(job_id, "started", incremental=False, note="",
+                        backupSizeInBytes=DISK).status == 200
+        assert link.put_chunk(job_id, A[1]).status == 201
+        for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                admin.delete_object(Bucket=bucket, Key=item["Key"])
+        admin.delete_bucket(Bucket=bucket)
+
+        named = f"S3 bucket '{bucket}' at {rgw.endpoint} does not exist"
+        put = link.put_chunk(job_id, B[1])
+        assert put.status == 500 and named in put.json()["message"], put.body
+        job = bp.backup.describe_backup_job(BackupJobId=job_id)
+        assert job["State"] == "RUNNING", job
+        assert job["StatusMessage"].startswith("waiting for the vault's storage"), job
+        assert named in job["StatusMessage"], job
+        done = link.job(job_id, "complete", incremental=False, checkpoint="bg-1",
+                        manifest=manifest_doc(FULL_EXTENTS))
+        assert done.status == 500 and named in done.body["message"], done.body
+        assert bp.backup.describe_backup_job(BackupJobId=job_id)["State"] == "RUNNING"
+        listed = bp.backup.list_recovery_points_by_backup_vault(BackupVaultName="vault1")
+        assert listed["RecoveryPoints"] == []
+
+        admin.create_bucket(Bucket=bucket)
+        assert link.put_chunk(job_id, B[1]).status == 201
+        job = bp.backup.describe_backup_job(BackupJobId=job_id)
+        assert job["StatusMessage"].endswith("the vault's storage answers again"), job
