@@ -102,3 +102,11 @@ def vcsim_server(vcsim_binary: Path, tmp_path_factory: pytest.TempPathFactory,
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def kvm(libvirt_daemon: libvirtd.Libvirtd) -> Iterator[libvirtd.Libvirtd]:
+    """The session's libvirtd with a "default" storage pool (where restores go)."""
+    from guests import ensure_default_pool
+    ensure_default_pool(libvirt_daemon)
+    yield libvirt_daemon

@@ -25,27 +25,14 @@ from typing import Any
 import boto3
 import libvirtd
 import pytest
-from guests import MiB, Vm, ensure_default_pool, sha_file
+from guests import MiB, Vm, sha_file
 
-from tests.conftest import ControlPlane, activate, free_port
-from tests.objectstore.conftest import (  # noqa: F401 (the S3 case's fixtures)
-    REGION,
-    admin,
-    bucket,
-    credentials_file,
-    rgw,
-)
+from tests.conftest import activate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROLE = "arn:aws:iam::123456789012:role/backup"
 JOB_TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def kvm(libvirt_daemon: libvirtd.Libvirtd) -> Iterator[libvirtd.Libvirtd]:
-    ensure_default_pool(libvirt_daemon)
-    yield libvirt_daemon
 
 
 def backup_client(cp: Any) -> Any:
@@ -241,94 +228,3 @@ def test_backup_incremental_and_restore_with_the_aws_cli(
         finally:
             for new_name in restored:
                 remove_domain(kvm, new_name)
-
-
-@pytest.fixture(params=["local", "s3"])
-def plane_on(request: pytest.FixtureRequest, tmp_path: Path
-             ) -> Iterator[tuple[Any, Callable[[], set[str]]]]:
-    """A control plane process with its vaults in its state directory (the default) or in
-    a bucket of the session's one-node Ceph RGW (`serve --vault-store`); and a function
-    listing the recovery-point manifests that storage holds."""
-    cp = ControlPlane(tmp_path / "controlplane", free_port())
-    if request.param == "local":
-        def manifests() -> set[str]:
-            return {p.name for p in (cp.state_dir / "vaults").glob("*/points/*")}
-    else:
-        rgw = request.getfixturevalue("rgw")
-        bucket, admin = request.getfixturevalue("bucket"), request.getfixturevalue("admin")
-        settings = tmp_path / "vault-store.toml"
-        settings.write_text(f"""[s3]
-endpoint_url = "{rgw.endpoint}"
-region = "{REGION}"
-bucket = "{bucket}"
-credentials_file = "{request.getfixturevalue('credentials_file')}"
-key_file = "master.key"
-""")
-        cp.extra_args = ["--vault-store", str(settings)]
-
-        def manifests() -> set[str]:
-            listed = admin.list_objects_v2(Bucket=bucket).get("Contents", [])
-            return {o["Key"].rsplit("/", 1)[1] for o in listed if "/points/" in o["Key"]}
-    cp.start()
-    try:
-        yield cp, manifests
-    finally:
-        cp.stop()
-
-
-def test_gateway_and_control_plane_killed_mid_backup(
-    plane_on: tuple[Any, Callable[[], set[str]]], make_appliance: Callable[..., Any],
-    kvm: libvirtd.Libvirtd, wait_until: Callable[..., Any], tmp_path: Path,
-) -> None:
-    """kill -9 of the gateway, then of the control plane, in the middle of one shaped
-    backup, with the vault on the local disk and in an S3 bucket: the job resumes each
-    time, no recovery point (nor its manifest in the storage) shows before the job is
-    COMPLETED, and the point restores byte-identical."""
-    cp, manifests = plane_on
-    client = backup_client(cp)
-    name = f"kill-{uuidlib.uuid4().hex[:6]}"
-    with guest(kvm, name, random_mib=12) as vm:
-        app, _, arns = gateway_for(cp, make_appliance, kvm, wait_until, [name])
-        gateway_arn = cp.aws("list-gateways")["Gateways"][0]["GatewayArn"]
-        # 8 Mbit/s: about 16 s for the 16 MiB of data, time enough to kill things midway
-        cp.aws("put-bandwidth-rate-limit-schedule", "--gateway-arn", gateway_arn,
-               "--bandwidth-rate-limit-intervals",
-               "AverageUploadRateLimitInBitsPerSec=8000000,StartHourOfDay=0,"
-               "StartMinuteOfHour=0,EndHourOfDay=23,EndMinuteOfHour=59,"
-               "DaysOfWeek=0,1,2,3,4,5,6")
-        wait_until(lambda: app.status()["shaping"]["limitBitsPerSec"] == 8000000,
-                   what="the schedule applied by the gateway")
-        vault = f"vault-{name}"
-        aws_backup(cp, "create-backup-vault", "--backup-vault-name", vault)
-        sha = vm.image_sha(tmp_path / "src.raw")
-        job = aws_backup(cp, "start-backup-job", "--backup-vault-name", vault,
-                         "--resource-arn", arns[name], "--iam-role-arn", ROLE)["BackupJobId"]
-
-        def sent_over(n: int) -> bool:
-            return client.describe_backup_job(BackupJobId=job)["BytesTransferred"] > n
-
-        wait_until(lambda: sent_over(2 * MiB), timeout=60, what="2 MiB sent")
-        app.proc.kill()                     # the gateway dies mid-job
-        assert client.describe_backup_job(BackupJobId=job)["State"] == "RUNNING"
-        listed = client.list_recovery_points_by_backup_vault(BackupVaultName=vault)
-        assert listed["RecoveryPoints"] == [] and manifests() == set()
-        app.start()                         # same state dir: the same gateway returns
-        wait_until(lambda: sent_over(4 * MiB), timeout=60, what="4 MiB sent after restart")
-        assert cp.proc is not None
-        cp.proc.kill()                      # then the control plane dies mid-job
-        cp.start()
-        done = wait_job(client, job)
-        assert done["State"] == "COMPLETED", done
-        point_id = done["RecoveryPointArn"].rsplit(":", 1)[1]
-        assert manifests() == {f"{point_id}.json"}
-
-        new_name = f"{name}-r"
-        try:
-            rjob = aws_backup(cp, "start-restore-job", "--recovery-point-arn",
-                              done["RecoveryPointArn"], "--iam-role-arn", ROLE,
-                              "--metadata", f"vmName={new_name}")["RestoreJobId"]
-            rdone = wait_job(client, rjob, kind="restore")
-            assert rdone["Status"] == "COMPLETED", rdone
-            assert restored_disk_sha(kvm, new_name, tmp_path / "r.raw")[0] == sha
-        finally:
-            remove_domain(kvm, new_name)
