@@ -92,6 +92,9 @@ log = logging.getLogger("controlplane.vaults")
 ENCODINGS = chunkcodec.ENCODINGS  # the link accepts these (gatewaycore/chunkcodec.py)
 MAX_ENCODED_CHUNK = 4 * 1024 * 1024 + 1024
 MAX_LISTED_MISSING = 1000
+# Chunks remembered per open vault as present (_Vault.known): 256 Ki ids (1 TiB of 4 MiB
+# chunks) cost about 30 MiB; past that, the store is asked.
+KNOWN_MAX = 256 * 1024
 POINT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _VERSION = 1
@@ -147,6 +150,31 @@ class _Vault:
     reclaiming: bool = False
     touched: set[str] = field(default_factory=set)
     committing: dict[int, frozenset[str]] = field(default_factory=dict)
+    # Chunks this process put or saw in the store, with their stored size: a commit or a
+    # /missing answer need not look at the store again for them (on a bucket, a HEAD each).
+    # Only reclaim deletes chunks, under `lock`, and it forgets them here as it does.
+    known: dict[str, int] = field(default_factory=dict)
+
+    def learn(self, sizes: dict[str, int | None]) -> None:
+        """Remember the chunks `sizes` found (bounded: past KNOWN_MAX, nothing is added)."""
+        with self.lock:
+            room = KNOWN_MAX - len(self.known)
+            for chunk_id, size in sizes.items():
+                if size is not None and room > 0 and chunk_id not in self.known:
+                    self.known[chunk_id] = size
+                    room -= 1
+
+    def sizes(self, ids: Iterable[str]) -> dict[str, int | None]:
+        """The stored size of each chunk (None: absent), looking at the store only for the
+        ones this process does not know."""
+        with self.lock:
+            found: dict[str, int | None] = {c: self.known.get(c) for c in ids}
+        unknown = [c for c, size in found.items() if size is None]
+        if unknown:
+            looked = self.chunks.sizes(unknown)
+            self.learn(looked)
+            found.update(looked)
+        return found
 
 
 @contextlib.contextmanager
@@ -294,7 +322,7 @@ class Vaults:
         v = self._open(vault)
         ids = list(chunk_ids)
         with _storage(vault, "look up chunks"):
-            held = v.chunks.sizes(c for c in ids if CHUNK_ID_RE.fullmatch(c))
+            held = v.sizes(c for c in ids if CHUNK_ID_RE.fullmatch(c))
         return [c for c in ids if held.get(c) is None]
 
     def put_chunk(self, vault: str, chunk_id: str, encoding: str, body: bytes) -> bool:
@@ -311,7 +339,11 @@ class Vaults:
         with _storage(vault, f"store chunk {chunk_id}"):
             # No look first: a gateway sends only what `missing` just called absent, and on
             # an object store a look is one more round trip per chunk.
-            return v.chunks.put_if_absent(chunk_id, self._seal(v, chunk_id, encoding, view))
+            blob = self._seal(v, chunk_id, encoding, view)
+            stored = v.chunks.put_if_absent(chunk_id, blob)
+        if stored:
+            v.learn({chunk_id: len(blob)})
+        return stored
 
     def get_chunk(self, vault: str, chunk_id: str) -> tuple[str, bytes]:
         """(encoding, encoded bytes) of a stored chunk, decrypted and authenticated;
@@ -357,7 +389,7 @@ class Vaults:
                 v.touched |= ids
         try:
             with _storage(vault, f"commit recovery point {point_id}"):
-                sizes = v.chunks.sizes(ids)
+                sizes = v.sizes(ids)
                 missing = sorted(c for c, size in sizes.items() if size is None)
                 if missing:
                     raise VaultError(
@@ -481,6 +513,7 @@ class Vaults:
                             size = v.chunks.size(chunk_id)
                             if size is None:
                                 continue
+                            v.known.pop(chunk_id, None)
                             v.chunks.delete(chunk_id)
                         count += 1
                         freed += size - OVERHEAD
@@ -528,6 +561,7 @@ class Vaults:
                     except KeyError:
                         continue
                     except VaultError:
+                        v.known.pop(chunk_id, None)
                         v.chunks.delete(chunk_id)
                         removed += 1
                         log.warning("event=vault_chunk_removed vault=%s chunk=%s "

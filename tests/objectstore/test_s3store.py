@@ -345,6 +345,33 @@ def test_vaults_end_to_end_over_s3(s3_vaults: Vaults, settings: S3Settings, admi
     assert err.value.code == "VaultMissing"
 
 
+def test_chunks_put_or_seen_are_not_looked_up_again(s3_vaults: Vaults,
+                                                    tmp_path: Path) -> None:
+    """A backup's round trips per chunk: one HEAD in /missing, one PUT, and no HEAD in the
+    commit for a chunk this process put; a reclaimed chunk is looked up again."""
+    heads: list[str] = []
+    client = s3_vaults._stores.bucket.client  # type: ignore[attr-defined]
+    client.meta.events.register("before-parameter-build.s3.HeadObject",
+                                lambda params, **_: heads.append(params["Key"]))
+    plains = [plain_chunk(10 + n) for n in range(4)]
+    ids = [cid(p) for p in plains]
+    assert s3_vaults.missing(VAULT, ids) == ids
+    looked = [h for h in heads if "/chunks/" in h]
+    assert len(looked) == 4
+    for chunk_id, plain in zip(ids, plains, strict=True):
+        assert s3_vaults.put_chunk(VAULT, chunk_id, "identity", plain) is True
+    heads.clear()
+    s3_vaults.commit(VAULT, "rp-known", one_disk(*((c, len(p)) for c, p in
+                                                    zip(ids, plains, strict=True))))
+    assert s3_vaults.missing(VAULT, ids) == []
+    assert [h for h in heads if "/chunks/" in h] == []
+    # reclaim forgets what it deletes: the next look goes to the bucket and finds nothing
+    s3_vaults.delete_point(VAULT, "rp-known")
+    assert s3_vaults.reclaim(VAULT, keep=[])[0] == 4
+    assert s3_vaults.missing(VAULT, ids) == ids
+    assert len([h for h in heads if "/chunks/" in h]) >= 4
+
+
 # -- failures as the caller sees them --------------------------------------------------------
 
 
