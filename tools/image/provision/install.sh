@@ -19,7 +19,9 @@ echo /opt/appliance/current >/usr/lib/python3/dist-packages/backup-gateway-appli
 
 install -D -m 0755 "$stage/guest/guestconfig.py" /usr/lib/appliance-image/guestconfig.py
 cp -r "$stage/overlay/." /
-chown -R root:root /etc/appliance
+chown -R root:root /etc/appliance /etc/initramfs-tools
+# the overlay's initramfs settings: only the root disk's drivers (docs/image.md, "Boot")
+update-initramfs -u -k all
 
 # The units: the daemon, the boot-time settings, the console on tty1 and ttyS0.
 install -m 0644 "$stage"/systemd/*.service /etc/systemd/system/
@@ -33,6 +35,11 @@ systemd-sysusers
 systemctl daemon-reload
 systemctl enable appliance-guestconfig.service appliance.service systemd-timesyncd.service \
     systemd-networkd.service systemd-resolved.service
+# Units the appliance never needs, whose kernel modules the image leaves out
+# (dpkg-excludes.txt): binfmt_misc (foreign executable formats).
+systemctl mask systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
+    proc-sys-fs-binfmt_misc.mount
+systemctl reset-failed   # this build VM's boot tried them before they were masked
 systemctl restart appliance-guestconfig.service
 systemctl restart appliance.service
 systemctl restart getty@tty1.service serial-getty@ttyS0.service
