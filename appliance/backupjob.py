@@ -508,9 +508,9 @@ class BackupJob(LinkedJob):
         for _ in range(COMPLETE_ROUNDS):
             try:
                 self.manifest_bytes += len(body)
-                arn = await self.link.complete_backup(self.job_id, session.incremental,
-                                                      session.checkpoint, body,
-                                                      self.transferred())
+                arn = await self.completing(self.link.complete_backup(
+                    self.job_id, session.incremental, session.checkpoint, body,
+                    self.transferred()))
             except JobRefused as exc:
                 if exc.code != "MissingChunks":
                     raise

@@ -395,6 +395,7 @@ class LinkedJob:
         self._task: asyncio.Task[Any] | None = None
         self._cancellable = False
         self._done = False                  # the control plane accepted `complete`
+        self._completing = False            # `complete` is on its way: its answer decides
         self.reported = False               # the control plane knows how the job ended
         self._pool = ThreadPoolExecutor(self.threads,
                                         thread_name_prefix=f"job-{order.job_id[:12]}")
@@ -420,9 +421,20 @@ class LinkedJob:
         if self._stop == "abort" or self.ending or (self._stop == "quiet" and not aborted):
             return False
         self._stop = "abort" if aborted else "quiet"
-        if self._cancellable and self._task is not None:
+        if self._cancellable and self._task is not None and not self._completing:
             self._task.cancel()
         return True
+
+    async def completing(self, call: Awaitable[T]) -> T:
+        """Await the job's `complete` call uncancelled. A poll can drop the job from its list
+        (COMPLETED there) before this call's answer arrives: cancelling it then would throw
+        away a finished job (a libvirt checkpoint, say); its answer decides instead (the
+        job done, or a 409 if it is not ours any more)."""
+        self._completing = True
+        try:
+            return await call
+        finally:
+            self._completing = False
 
     def percent(self) -> float:
         if self.bytes_total <= 0:

@@ -97,7 +97,7 @@ class RestoreJob(LinkedJob):
         vm = await self.in_thread(session.commit)
         self.new_vm = {"uuid": vm.uuid, "name": vm.name, "path": vm.path,
                        "hostName": vm.host_name}
-        await self.link.complete_restore(self.job_id, self.new_vm)
+        await self.completing(self.link.complete_restore(self.job_id, self.new_vm))
         self.mark_done()
         log.info("event=restore_completed job_id=%s vm=%s name=%s bytes=%d", self.job_id,
                  vm.uuid, vm.name, self.bytes_done)
