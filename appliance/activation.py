@@ -154,15 +154,20 @@ def parse_query(query: str) -> ActivationRequest:
     return parse_params(params, no_redirect="no_redirect" in params)
 
 
-def console_location(req: ActivationRequest, key: str) -> str:
+def console_location(req: ActivationRequest, key: str, console_url: str | None = None) -> str:
     """The console URL of the 302: the key in the real query string (Terraform and the SDKs
-    read `activationKey` from the Location URL's query, not from its #fragment)."""
+    read `activationKey` from the Location URL's query, not from its #fragment).
+
+    `console_url` is the control plane's web console when it sent one with the key (the
+    console method lands there); only the scheme, host and base path change: the path,
+    query and fragment keep the AWS console's format."""
     region = regions.get(req.region)
     assert region is not None
+    base = console_url or region.console_url
     query = {"region": req.region, "activationKey": key, "activationRegion": req.region}
     if req.vpc_endpoint:
         query["vpcEndpoint"] = req.vpc_endpoint
-    return f"{region.console_url}/backup/home?{urlencode(query, quote_via=quote)}#/gateways/create"
+    return f"{base}/backup/home?{urlencode(query, quote_via=quote)}#/gateways/create"
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ class KeyResult:
     key: str
     region: str
     expires_at: str | None
+    console_url: str | None = None  # the control plane's web console, if it named one
 
 
 class KeyRefused(Exception):
@@ -444,5 +450,5 @@ class ActivationServer:
             return exc.status, {}, f"{exc.message}\n"
         if req.no_redirect:
             return 200, {}, f"{result.key}\n"
-        location = console_location(req, result.key)
+        location = console_location(req, result.key, result.console_url)
         return 302, {"Location": location}, f"activation key {result.key}: see {location}\n"

@@ -68,7 +68,7 @@ class KeyIssuer:
             issued.region, str(req.region_fallback).lower(), req.endpoint_type,
             req.ip_version or "-", req.vpc_endpoint or "-",
         )
-        return KeyResult(issued.key, issued.region, issued.expires_at)
+        return KeyResult(issued.key, issued.region, issued.expires_at, issued.console_url)
 
     def _refused(self, exc: Refused) -> KeyRefused:
         """The control plane's refusal as ours; what it tells of the gateway is kept."""

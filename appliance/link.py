@@ -20,7 +20,7 @@ import aiohttp
 
 from appliance.identity import Identity
 from appliance.version import __version__
-from gatewaycore import linkproto, utctime
+from gatewaycore import linkproto, rules, utctime
 
 KEY_REQUEST_TIMEOUT = 10.0
 REPORT_TIMEOUT = 30.0  # a hypervisor test result or inventory
@@ -54,6 +54,20 @@ class IssuedKey:
     key: str
     region: str
     expires_at: str | None
+    # Where the port-80 redirect sends the browser: the control plane's web console
+    # (docs/webconsole.md); None keeps the AWS console of the key's region.
+    console_url: str | None = None
+
+
+def console_url_of(value: Any) -> str | None:
+    """The `consoleUrl` of a key answer when `rules.console_url` accepts it (it goes into a
+    Location header), else None: the AWS console of the key's region is used."""
+    if value is None:
+        return None
+    try:
+        return rules.console_url(value)
+    except rules.RuleError:
+        return None
 
 
 def _sealed_or_none(value: Any) -> dict[str, Any] | None:
@@ -408,7 +422,8 @@ class LinkClient:
         if not isinstance(key, str) or not key:
             raise LinkError("activation-key answer has no activationKey")
         expires = doc.get("expiresAt")
-        return IssuedKey(key, str(doc.get("region") or region), expires if expires else None)
+        return IssuedKey(key, str(doc.get("region") or region), expires if expires else None,
+                         console_url_of(doc.get("consoleUrl")))
 
     async def poll(self, after: int, wait: int = POLL_WAIT) -> PollAnswer:
         body: dict[str, Any] = {"after": after, "softwareVersion": __version__, "wait": wait}

@@ -1,11 +1,13 @@
-"""`python -m controlplane serve|env|rebuild-vaults`: run the control plane, print its
-credentials for eval, or rebuild its vaults' rows from their storage (vaultrebuild.py)."""
+"""`python -m controlplane serve|env|rebuild-vaults|console-password`: run the control
+plane, print its credentials for eval, rebuild its vaults' rows from their storage
+(vaultrebuild.py), or set the web console's password (webconsole/auth.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import shlex
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from controlplane import credentials, vaultrebuild, vaultsettings
 from controlplane.server import ControlPlane, tls_context
-from gatewaycore import logfmt
+from controlplane.webconsole import auth as webauth
+from gatewaycore import logfmt, rules
 
 log = logging.getLogger("controlplane")
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -54,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = sub.add_parser(
         "rebuild-vaults", help="with the control plane stopped: recreate the vaults and "
         "their recovery points in the database from the vault store alone")
-    for p in (serve, env, rebuild):
+    password = sub.add_parser(
+        "console-password", help="set the web console's password (read from the terminal, "
+        "or one line of standard input); the console then accepts it at once")
+    for p in (serve, env, rebuild, password):
         p.add_argument("--state-dir", type=Path, default=None,
                        help="state directory (default /var/lib/controlplane as root, "
                        "./controlplane-state otherwise)")
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="rebuild only the vault of this name (default: every vault)")
     serve.add_argument("--data-dir", type=Path, default=None,
                        help="where gateway uploads are stored (default STATE_DIR/data)")
+    serve.add_argument("--console-url", default=None, metavar="URL",
+                       help="the web console's address as browsers reach it (default "
+                       "http(s)://LISTEN/console); gateways redirect there with a key")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     return parser
 
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     state_dir: Path = args.state_dir or default_state_dir()
     if args.command == "rebuild-vaults":
         return _rebuild(state_dir, args.vault_store, args.vault)
+    if args.command == "console-password":
+        return _console_password(state_dir)
     creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
     if args.command == "env":
         return _env(state_dir, creds_file)
@@ -86,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     except vaultsettings.VaultSettingsError as exc:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
+    console_url = None
+    if args.console_url is not None:
+        try:  # the rule the gateway applies before it redirects a browser there
+            console_url = rules.console_url(args.console_url, "--console-url")
+        except rules.RuleError as exc:
+            print(f"controlplane: {exc}", file=sys.stderr)
+            return 2
     if (args.tls_cert is None) != (args.tls_key is None):
         print("controlplane: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -101,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # OSError covers the vault store: s3store.StorageBackendError (bucket missing,
         # credentials refused, endpoint unreachable) and vaultkeys.VaultKeyError.
-        plane = ControlPlane(state_dir, creds_file, args.data_dir, vault_store=vault_store)
+        plane = ControlPlane(state_dir, creds_file, args.data_dir, vault_store=vault_store,
+                             console_url=console_url)
     except (credentials.CredentialsError, OSError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr)
         return 2
@@ -139,6 +158,10 @@ async def _serve(plane: ControlPlane, host: str, port: int, tls: ssl.SSLContext 
     log.info("event=ready listen=%s:%d url=%s state_dir=%s vaults=%s", shown, bound_port, url,
              plane.state_dir, plane.vault_store.describe())
     print(f"event=ready listen={shown}:{bound_port} url={url}", flush=True)
+    if not plane.console.warn_if_no_password(shlex.quote(str(plane.state_dir))):
+        print("The web console has no password yet; set one with: python -m controlplane "
+              f"console-password --state-dir {shlex.quote(str(plane.state_dir))}", flush=True)
+    print(f"Web console: {url}/console/", flush=True)
     await stop.wait()
     log.info("event=stopping")
     with contextlib.suppress(Exception):
@@ -163,6 +186,29 @@ def _rebuild(state_dir: Path, settings_file: Path | None, vault: str | None) -> 
         print(f"no vaults in the vault store ({settings.describe()})")
     trouble = any(r.damaged or r.vault == "skipped" for r in reports)
     return 1 if trouble else 0
+
+
+def _console_password(state_dir: Path) -> int:
+    """Ask twice on a terminal; else read one line of stdin (for scripts and tests)."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("New console password: ")
+        if getpass.getpass("Again: ") != first:
+            print("controlplane: the passwords differ; nothing was changed", file=sys.stderr)
+            return 1
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    target = state_dir / webauth.PASSWORD_FILE
+    try:
+        webauth.write_password_file(target, first)
+    except webauth.PasswordError as exc:
+        print(f"controlplane: {exc}; nothing was changed", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"controlplane: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"console password set ({target}, mode 0600); sign in at /console/ on the "
+          "control plane's address")
+    return 0
 
 
 def _env(state_dir: Path, creds_file: Path) -> int:

@@ -10,7 +10,9 @@ the status, code, message and fields of the refusal.
 `POST /gateway/activation-key` is the one operation a stranger can use to write to the
 database (any fresh Ed25519 key signs its own registration). It is rate-limited per source
 (`admit_registration`) and what it writes expires (`housekeep`, run at most once a minute as
-part of normal requests), so the rows a flood can leave are bounded.
+part of normal requests), so the rows a flood can leave are bounded. The fleet's own
+bookkeeping is kept off the request path (`run_housekeeping`, a task of the server): old
+nonces go in small chunks every few seconds, buffered heartbeats are written every second.
 
 The hypervisor part (docs/link-protocol.md, "Hypervisors"): the poll answer carries the
 gateway's hypervisor and the TestHypervisorConfiguration calls waiting for it, with every
@@ -38,6 +40,7 @@ from controlplane.clock import Clock
 from controlplane.pendingtests import ERROR_CODES, PendingTests, TestResult
 from controlplane.pollhub import PollHub
 from controlplane.store import (
+    NONCE_PURGE_CHUNK,
     Hypervisor,
     Identity,
     ReportedVm,
@@ -61,6 +64,10 @@ MAX_SEALED_BOXES = 20_000
 NO_PASSWORD: dict[str, Any] = {"password": None, "passwordPending": False}
 PASSWORD_PENDING: dict[str, Any] = {"password": None, "passwordPending": True}
 PURGE_INTERVAL_SECONDS = 60.0
+# The periodic part of housekeeping (wall clock): buffered heartbeats written every second,
+# old nonces deleted every 10 s (at 10,000 gateways about 5,000 rows, in 20 chunks).
+HEARTBEAT_FLUSH_SECONDS = 1.0
+NONCE_PURGE_SECONDS = 10.0
 # Bounds of what a gateway reports about its hypervisor (the body itself is bounded by the
 # wire: 8 MiB for an inventory).
 MAX_MESSAGE = 1024
@@ -138,6 +145,9 @@ class LinkOps:
         scheduler: a gateway just heard from may take jobs, docs/backups.md)."""
         self.jobs = jobs
         self.on_poll = on_poll
+        # The web console's URL, asked at each key (server.py sets it): sent with the key,
+        # so the gateway's port-80 redirect lands on this console (docs/webconsole.md).
+        self.console_url: Callable[[], str | None] = lambda: None
         self.secrets = secrets_at_rest or SecretsAtRest.ephemeral()
         self.tests = tests or PendingTests()
         self.store = store
@@ -164,13 +174,55 @@ class LinkOps:
         if now < self._next_purge:
             return
         self._next_purge = now + PURGE_INTERVAL_SECONDS
-        deleted = self.store.purge(now, self.wall_clock() - 2 * linkproto.MAX_SKEW_SECONDS)
+        deleted = self.store.purge(now)
         refused = self.registrations.take_refused()
         if refused or deleted["keys"] or deleted["identities"]:
             log.info(
-                "event=link_purged keys=%d identities=%d nonces=%d registrations_throttled=%d",
-                deleted["keys"], deleted["identities"], deleted["nonces"], refused,
+                "event=link_purged keys=%d identities=%d registrations_throttled=%d",
+                deleted["keys"], deleted["identities"], refused,
             )
+
+    async def run_housekeeping(self) -> None:
+        """Until cancelled: write buffered heartbeats and checkpoint the WAL (in a thread)
+        every HEARTBEAT_FLUSH_SECONDS, delete expired nonces every NONCE_PURGE_SECONDS.
+
+        A timer task rather than work in the request path: what a request costs does not
+        depend on when the last cleanup ran, and the nonce purge is cut into chunks with
+        the event loop free between them. A failed round (a locked database) is logged and
+        tried again at the next tick.
+        """
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time()
+        self.store.start_checkpoints()
+        try:
+            while True:
+                try:
+                    self.store.flush_heartbeats()
+                    if loop.time() >= next_purge:
+                        next_purge = loop.time() + NONCE_PURGE_SECONDS
+                        await self.purge_nonces()
+                    await asyncio.to_thread(self.store.checkpoint)
+                except Exception as exc:  # logged; the next tick tries again
+                    log.error("event=housekeeping_failed error=%s", exc)
+                await asyncio.sleep(HEARTBEAT_FLUSH_SECONDS)
+        finally:
+            self.store.stop_checkpoints()
+
+    async def purge_nonces(self) -> int:
+        """Delete the nonces older than the signature window allows (twice MAX_SKEW: a
+        request dated at the edge of the window is refused by its time before its nonce
+        could be forgotten), a chunk per transaction, yielding between chunks."""
+        before = self.wall_clock() - 2 * linkproto.MAX_SKEW_SECONDS
+        total = 0
+        while True:
+            deleted = self.store.purge_nonces(before)
+            total += deleted
+            if deleted < NONCE_PURGE_CHUNK:
+                break
+            await asyncio.sleep(0)
+        if total:
+            log.debug("event=nonces_purged count=%d", total)
+        return total
 
     # -- who is asking --------------------------------------------------------------------
 
@@ -245,11 +297,15 @@ class LinkOps:
             "event=key_issued key_id=%s region=%s endpoint_type=%s ip_version=%s vpc=%s",
             key_id, region, endpoint_type, ip_version, vpc_endpoint,
         )
-        return {
+        answer = {
             "activationKey": key.key,
             "region": key.region,
             "expiresAt": format_utc(key.expires_at),
         }
+        console_url = self.console_url()
+        if console_url:
+            answer["consoleUrl"] = console_url
+        return answer
 
     # -- POST /gateway/poll ---------------------------------------------------------------
 
@@ -294,7 +350,11 @@ class LinkOps:
                 current = self.identity(identity.key_id)  # purged meanwhile: UnknownGateway
                 remaining = deadline - loop.time()
                 if current.version > after or remaining <= 0 or self.hub.closing:
-                    return self.poll_state(current)
+                    answer = self.poll_state(current)
+                    # A change made by a request still waiting for its fsync is not told
+                    # to the gateway before it is durable (controlplane/walsync.py).
+                    await self.store.wal.wait()
+                    return answer
                 log.debug("event=poll_wait key_id=%s after=%d wait=%.1f",
                           identity.key_id, after, remaining)
                 with contextlib.suppress(TimeoutError):

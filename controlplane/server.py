@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from controlplane import atrest, credentials
+from controlplane import atrest, credentials, gcpolicy
 from controlplane.backupops import BackupApi
 from controlplane.backupstore import BackupStore
 from controlplane.blobstore import BlobStore
@@ -46,6 +46,9 @@ from controlplane.throttle import Throttle
 from controlplane.validation import compile_pattern
 from controlplane.vaults import Vaults
 from controlplane.vaultsettings import VAULTS_DIR, VaultStoreSettings
+from controlplane.walsync import durable_answers
+from controlplane.webconsole import WebConsole
+from controlplane.webconsole.console import console_base
 from gatewaycore.connguard import ConnectionGuard, Ticket, quiet_resource_errors
 
 log = logging.getLogger("controlplane")
@@ -323,6 +326,7 @@ class ControlPlane:
         hypervisor_test_timeout: float = TEST_TIMEOUT_SECONDS,
         job_timings: JobTimings | None = None,
         vault_store: VaultStoreSettings | None = None,
+        console_url: str | None = None,
     ) -> None:
         """`clock` is business time (key expiry, last seen); `wall_clock` checks signatures.
         Tests pass their own clock, throttle, guard or hub (one that reports its waiters),
@@ -373,8 +377,14 @@ class ControlPlane:
         self.backup_api = BackupApi(self.store, self.backups, self.vaults, self.scheduler,
                                     self.clock)
         self.rest_api = RestJsonApi(self.backup_api, creds.secret, wall_clock, throttle)
+        # The web console (/console, docs/webconsole.md); `console_url` is where gateways
+        # send browsers with a key (the console method), else derived from the listener.
+        self.console = WebConsole(state_dir, self.api, self.access_key_id, self.backup_api)
+        self.console_url = console_url
         self.guard = guard or default_guard()
         self._runner: web.AppRunner | None = None
+        # LinkOps.run_housekeeping and gcpolicy.run (docs/fleet.md)
+        self._background: list[asyncio.Task[None]] = []
         logging.getLogger("aiohttp.server").addFilter(_ONE_LINE_ERRORS)
         compile_pattern(r"([\p{L}\p{Z}\p{N}_.:/=+\-@]*)")  # build the Unicode tables now
 
@@ -385,11 +395,13 @@ class ControlPlane:
         self.scheduler.kick()
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_API_BODY)
+        app = web.Application(client_max_size=MAX_API_BODY,
+                              middlewares=[durable_answers(self.store.wal)])
         app.router.add_routes(self.json_api.routes())  # POST / and the rpcv2Cbor path
         app.router.add_routes(self.link.routes())
         app.router.add_routes(self.job_link.routes())
         app.router.add_routes(self.rest_api.routes())  # AWS Backup (restJson1)
+        self.console.install(app)  # the web console under /console
         return app
 
     async def start(
@@ -404,6 +416,10 @@ class ControlPlane:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
+        here = sock.getsockname()  # before any key request: gateways learn the console's URL
+        self.link_ops.console_url = self.console.url_for_gateways(
+            self.console_url or console_base(here[0], here[1], tls is not None),
+            explicit=self.console_url is not None)
         # aiohttp 3.9 moved shutdown_timeout from the site to the runner; Debian 12 has 3.8.
         where = "runner" if _AIOHTTP >= (3, 9) else "site"
         timeout = {"shutdown_timeout": SHUTDOWN_TIMEOUT}
@@ -419,11 +435,17 @@ class ControlPlane:
         await site.start()
         await self.scheduler.resume_deletes()  # point deletes a crash interrupted
         self.scheduler.start()
+        self._background = [asyncio.create_task(self.link_ops.run_housekeeping()),
+                            asyncio.create_task(gcpolicy.run())]
         bound = sock.getsockname()
         return bound[0], bound[1]
 
     async def stop(self) -> None:
         self.hub.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         await self.scheduler.stop()
         if self._runner is not None:
             await self._runner.cleanup()

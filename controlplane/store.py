@@ -1,5 +1,6 @@
 """The control plane's state: one SQLite file, WAL journal with full sync (a link nonce's
-commit excepted: `record_nonce` says why).
+commit, the purge and the batched heartbeats excepted: `record_nonce` and `heartbeat` say
+why).
 
 Why SQLite: every change (a key issued, a gateway created, a nonce seen) must survive a
 `kill -9` and a restart, and some changes must be all-or-nothing under concurrency (two
@@ -16,15 +17,19 @@ EXPLAIN QUERY PLAN): housekeeping never scans a table.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from controlplane.walsync import WalSync
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -153,6 +158,7 @@ CREATE INDEX IF NOT EXISTS identities_pending_until ON identities (pending_until
     WHERE gateway_id IS NULL AND deleted = 0;
 """
 
+NONCE_PURGE_CHUNK = 250
 # Housekeeping, in this order (keys before the identities they reference). Each is a range
 # scan of one index: tests/controlplane/test_link_hostile.py checks the query plans.
 PURGE_QUERIES = {
@@ -161,7 +167,15 @@ PURGE_QUERIES = {
         "DELETE FROM identities WHERE gateway_id IS NULL AND deleted = 0 AND pending_until <= ?"
         " AND NOT EXISTS (SELECT 1 FROM activation_keys k WHERE k.key_id = identities.key_id)"
     ),
-    "nonces": "DELETE FROM nonces WHERE seen_at < ?",
+    # The oldest NONCE_PURGE_CHUNK rows a transaction (a few more on equal times): at 10,000
+    # gateways a minute of nonces is 30,000 rows, and one delete of them all would hold the
+    # event loop for a long moment (each row sits on a random page of the primary key, so
+    # a chunk dirties as many pages). Both searches are ranges of the seen_at index.
+    "nonces": (
+        "DELETE FROM nonces WHERE seen_at < ?1 AND seen_at <= (SELECT max(seen_at) FROM"
+        f" (SELECT seen_at FROM nonces WHERE seen_at < ?1 ORDER BY seen_at"
+        f" LIMIT {NONCE_PURGE_CHUNK}))"
+    ),
 }
 
 # How long an identity that never activated is kept after its last key expired. A day: the
@@ -393,6 +407,18 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # 64 MiB of page cache instead of 2: at 10,000 gateways the replay table's primary
+        # key alone is about 25 MB, and each nonce lands on a random page of it.
+        self._db.execute("PRAGMA cache_size=-65536")
+        # Heartbeats waiting to be written: key id -> (last seen, software version or None).
+        self._heartbeats: dict[str, tuple[float, str | None]] = {}
+        self._heartbeat_lock = threading.Lock()
+        self._unsynced_depth = 0  # inside `_unsynced`: commits are synchronous=NORMAL
+        # Durable commits made inside a request skip their fsync; the request awaits
+        # `wal.wait` before it answers (controlplane/walsync.py).
+        self.wal = WalSync(path)
+        self._checkpoint_db: sqlite3.Connection | None = None  # see start_checkpoints
+        self._checkpoint_lock = threading.Lock()
         self._db.executescript(SCHEMA)
         self._migrate()
         self._db.executescript(INDEXES)
@@ -414,7 +440,38 @@ class Store:
                     )
 
     def close(self) -> None:
+        self.flush_heartbeats()
+        self.wal.sync_now()
+        self.stop_checkpoints()
         self._db.close()
+
+    # -- WAL checkpoints off the event loop ---------------------------------------------
+    #
+    # SQLite copies the WAL into the database file (two fsyncs) in whichever commit finds the
+    # WAL over 1,000 pages: with a fleet's nonces that is every second or so, on the event
+    # loop. While `checkpoint` is being called (the link's housekeeping task, in a thread,
+    # through a connection of its own), the automatic checkpoint is off.
+
+    def start_checkpoints(self) -> None:
+        if self._checkpoint_db is None:
+            self._checkpoint_db = sqlite3.connect(self.path, isolation_level=None,
+                                                  check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """A PASSIVE checkpoint (never waits for the writer): (WAL pages, pages copied)."""
+        with self._checkpoint_lock:
+            if self._checkpoint_db is None:
+                return 0, 0
+            row = self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(row[1]), int(row[2])
+
+    def stop_checkpoints(self) -> None:
+        with self._checkpoint_lock:  # a checkpoint still running in its thread ends first
+            if self._checkpoint_db is not None:
+                self._db.execute("PRAGMA wal_autocheckpoint=1000")
+                self._checkpoint_db.close()
+                self._checkpoint_db = None
 
     # A companion store keeps other tables in this file (controlplane/backupstore.py): it
     # reads through this connection and writes through these transactions, so its writes
@@ -431,13 +488,28 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        # Buffered heartbeats are written first, so a transaction (the job scheduler's,
+        # reading last_seen through `connection`) sees every poll so far: inside an unsynced
+        # transaction they ride along, before a synced one they get their own unsynced
+        # commit (a transaction that writes nothing else then needs no fsync).
+        if self._heartbeats and not self._unsynced_depth:
+            self.flush_heartbeats()
+        # A durable write inside a request: committed without fsync, made durable by the
+        # request's WalSync.wait before its answer leaves (the same guarantee as FULL).
+        deferred = not self._unsynced_depth and self.wal.deferred()
+        with self._unsynced() if deferred else contextlib.nullcontext():
+            self._db.execute("BEGIN IMMEDIATE")
+            changes = self._db.total_changes
+            try:
+                if self._unsynced_depth and not deferred:
+                    self._write_heartbeats(self._db)
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            if deferred and self._db.total_changes != changes:
+                self.wal.note_commit()
 
     # -- meta ---------------------------------------------------------------------------
 
@@ -461,8 +533,9 @@ class Store:
         ).fetchone()
         if row is None:
             return None
-        return Identity(row[0], bytes(row[1]), row[2], row[3], row[4], row[5], bool(row[6]),
-                        bytes(row[7]) if row[7] is not None else None)
+        last_seen, software_version = self._seen(row[0], row[2], row[3])
+        return Identity(row[0], bytes(row[1]), last_seen, software_version, row[4], row[5],
+                        bool(row[6]), bytes(row[7]) if row[7] is not None else None)
 
     def issue_key(
         self,
@@ -604,23 +677,33 @@ class Store:
 
     # -- gateways -----------------------------------------------------------------------
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, arn: str) -> Gateway:
+    def _get(self, db: sqlite3.Connection, arn: str) -> Gateway:
         row = db.execute(_GATEWAY_SELECT + " WHERE g.arn=?", (arn,)).fetchone()
-        return _gateway(row)
+        return self._gateway(row)
+
+    def _gateway(self, row: sqlite3.Row | tuple[Any, ...]) -> Gateway:
+        """A gateway row, with its heartbeat if one is still buffered."""
+        gateway = _gateway(row)
+        if self._heartbeats:
+            last_seen, version = self._seen(gateway.key_id, gateway.last_seen,
+                                            gateway.software_version)
+            if last_seen != gateway.last_seen or version != gateway.software_version:
+                return dataclasses.replace(gateway, last_seen=last_seen,
+                                           software_version=version)
+        return gateway
 
     def gateway(self, arn: str) -> Gateway | None:
         """The live gateway with this ARN (deleted ones are gone for the API)."""
         row = self._db.execute(
             _GATEWAY_SELECT + " WHERE g.arn=? AND g.deleted_at IS NULL", (arn,)
         ).fetchone()
-        return _gateway(row) if row else None
+        return self._gateway(row) if row else None
 
     def gateway_by_id(self, gateway_id: str) -> Gateway | None:
         row = self._db.execute(
             _GATEWAY_SELECT + " WHERE g.gateway_id=?", (gateway_id,)
         ).fetchone()
-        return _gateway(row) if row else None
+        return self._gateway(row) if row else None
 
     def list_gateways(self, region: str, after_seq: int, limit: int) -> list[Gateway]:
         rows = self._db.execute(
@@ -628,7 +711,7 @@ class Store:
             " ORDER BY g.seq LIMIT ?",
             (region, after_seq, limit),
         ).fetchall()
-        return [_gateway(r) for r in rows]
+        return [self._gateway(r) for r in rows]
 
     def update_gateway(self, arn: str, bump: bool = True, **changes: Any) -> Gateway | None:
         """Change columns of a live gateway; `bump` tells its appliance (config version + 1)."""
@@ -840,7 +923,7 @@ class Store:
             _GATEWAY_SELECT + " WHERE g.hypervisor_id=? AND g.deleted_at IS NULL ORDER BY g.seq",
             (hypervisor_id,),
         ).fetchall()
-        return [_gateway(r) for r in rows]
+        return [self._gateway(r) for r in rows]
 
     def delete_hypervisor(self, arn: str) -> Hypervisor | None:
         """Delete a hypervisor with its VMs and their tags; StoreError("InUse") while a
@@ -1038,44 +1121,69 @@ class Store:
     def record_nonce(self, key_id: str, nonce: str, now: float) -> bool:
         """Remember a request nonce; False when it was seen before (a replay).
 
-        Old nonces are deleted by `purge`, not here: one indexed range delete a minute
-        instead of one per signed request.
+        Old nonces are deleted by the link's housekeeping task (`purge_nonces`), not here:
+        a few short index-range deletes every 10 s instead of work per signed request.
 
-        Committed with `synchronous=NORMAL` (this transaction only; every other write stays
-        FULL): in WAL mode that commit skips the fsync, which cost 20-160 ms of the event
-        loop per signed request on a busy disk. The trade-off: a crash of the process keeps
-        the nonce (it is in the WAL, in the OS's cache), and so does the next FULL commit of
-        anything (an fsync of the WAL covers every commit before it); only an OS crash or a
+        Committed with `synchronous=NORMAL`, with the heartbeats buffered since the last
+        commit (durable writes are synced before their request answers): in WAL mode that
+        commit skips the fsync, which cost 20-160 ms of the event loop per signed request
+        on a busy disk. The trade-off: a crash of the process keeps the nonce (it is in the
+        WAL, in the OS's cache), and so does the next durable commit of anything (an fsync
+        of the WAL covers every commit before it); only an OS crash or a
         power cut can lose the nonces recorded since the last FULL commit, which reopens the
         replay window (at most the 300 s signature window) for those few requests
         (docs/link-protocol.md).
         """
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            with self._tx() as db:
-                try:
-                    db.execute(
-                        "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
-                        (key_id, nonce, now),
-                    )
-                except sqlite3.IntegrityError:
-                    return False
-        finally:
-            self._db.execute("PRAGMA synchronous=FULL")
+        with self._unsynced(), self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
+                    (key_id, nonce, now),
+                )
+            except sqlite3.IntegrityError:
+                return False
         return True
 
-    def purge(self, now: float, nonces_before: float) -> dict[str, int]:
-        """Delete expired unused keys, lapsed pending identities and old nonces.
+    def purge(self, now: float, nonces_before: float | None = None) -> dict[str, int]:
+        """Delete expired unused keys and lapsed pending identities; with `nonces_before`,
+        also old nonces (every one, chunk after chunk: `purge_nonces` is the chunked form).
 
         `now` is business time (key expiry), `nonces_before` wall time (the signature
-        window). Returns how many rows of each kind went, for the log.
+        window). Returns how many rows of each kind went, for the log. Committed without
+        an fsync (NORMAL): a purge lost in a power cut is simply done again.
         """
-        deleted = {}
-        with self._tx() as db:
-            for kind, sql in PURGE_QUERIES.items():
-                arg = nonces_before if kind == "nonces" else now
-                deleted[kind] = db.execute(sql, (arg,)).rowcount
+        deleted = {"nonces": 0}
+        with self._unsynced(), self._tx() as db:
+            for kind in ("keys", "identities"):
+                deleted[kind] = db.execute(PURGE_QUERIES[kind], (now,)).rowcount
+        if nonces_before is not None:
+            while (chunk := self.purge_nonces(nonces_before)) > 0:
+                deleted["nonces"] += chunk
+                if chunk < NONCE_PURGE_CHUNK:
+                    break
         return deleted
+
+    def purge_nonces(self, before: float) -> int:
+        """Delete at most NONCE_PURGE_CHUNK nonces seen before `before` (wall time), in one
+        short unsynced transaction (an index range: the cost is the rows deleted, never the
+        table's size). Returns how many went; the caller yields between chunks."""
+        with self._unsynced(), self._tx() as db:
+            return int(db.execute(PURGE_QUERIES["nonces"], (before,)).rowcount)
+
+    @contextlib.contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """The transactions inside commit with synchronous=NORMAL: in WAL mode no fsync
+        (they survive a crash of the process; a power cut may lose them, and the next FULL
+        commit makes them durable too). Only for writes that are harmless to lose."""
+        if self._unsynced_depth == 0:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._unsynced_depth += 1
+        try:
+            yield
+        finally:
+            self._unsynced_depth -= 1
+            if self._unsynced_depth == 0:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def counts(self) -> dict[str, int]:
         """Rows per table that strangers can grow (tests and the purge log)."""
@@ -1085,12 +1193,59 @@ class Store:
         }
 
     def heartbeat(self, key_id: str, software_version: str | None, now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE identities SET last_seen=?, software_version=COALESCE(?,"
-                " software_version) WHERE key_id=?",
-                (now, software_version, key_id),
-            )
+        """Note that `key_id` polled: buffered, not committed.
+
+        Every gateway polls every 20 s, so one commit per poll was one fsync per poll on the
+        event loop (10,000 gateways: 500 a second). Heartbeats are kept here and written
+        together by `flush_heartbeats` (the link flushes a moment after the first one, in
+        one unsynced commit), or with the next transaction of anything. Readers never see
+        the difference: `identity` and the gateway reads lay buffered ones over the rows,
+        and a transaction writes them first. A crash loses at most the last moment's
+        last-seen times, which the next polls put back.
+        """
+        with self._heartbeat_lock:
+            if software_version is None and key_id in self._heartbeats:
+                software_version = self._heartbeats[key_id][1]
+            self._heartbeats[key_id] = (now, software_version)
+
+    def pending_heartbeats(self) -> int:
+        return len(self._heartbeats)
+
+    def flush_heartbeats(self) -> int:
+        """Write the buffered heartbeats in one unsynced transaction; returns how many."""
+        if not self._heartbeats:
+            return 0
+        if self._db.in_transaction:  # a caller's transaction: they go with it
+            return self._write_heartbeats(self._db)
+        with self._unsynced():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                written = self._write_heartbeats(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return written
+
+    def _write_heartbeats(self, db: sqlite3.Connection) -> int:
+        if not self._heartbeats:
+            return 0
+        with self._heartbeat_lock:
+            pending, self._heartbeats = self._heartbeats, {}
+        db.executemany(
+            "UPDATE identities SET last_seen=?, software_version=COALESCE(?,"
+            " software_version) WHERE key_id=?",
+            [(seen, version, key_id) for key_id, (seen, version) in pending.items()],
+        )
+        return len(pending)
+
+    def _seen(self, key_id: str, last_seen: float | None, software_version: str | None
+              ) -> tuple[float | None, str | None]:
+        """(last seen, software version) of an identity, a buffered heartbeat first."""
+        pending = self._heartbeats.get(key_id)
+        if pending is None:
+            return last_seen, software_version
+        return pending[0], pending[1] if pending[1] is not None else software_version
 
     # -- uploads ------------------------------------------------------------------------
     #

@@ -157,6 +157,28 @@ def control_plane_url(value: Any, field: str = "control_plane_url") -> str:
     return text.rstrip("/")
 
 
+_CONSOLE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)*/?")
+
+
+def console_url(value: Any, field: str = "consoleUrl") -> str:
+    """A web console's base URL, which a gateway puts into the Location of its port-80
+    redirect: `http(s)://HOST[:PORT]` as `control_plane_url` takes it, then an optional
+    path of letters, digits and `. _ ~ -` segments; no query, fragment, user part, quote or
+    space. Returned without the trailing slash."""
+    text = _text(value, field, "an http:// or https:// URL").strip()
+    accepted = ("accepted: http(s)://HOST[:PORT] then an optional path of letters, digits "
+                "and . _ ~ - segments, no query or fragment")
+    scheme, sep, rest = text.partition("://")
+    host, slash, path = rest.partition("/")
+    try:
+        origin = control_plane_url(f"{scheme}{sep}{host}", field)
+    except RuleError:
+        raise RuleError(field, f"{_shown(text)} is not a console URL; {accepted}") from None
+    if not _CONSOLE_PATH.fullmatch(slash + path):
+        raise RuleError(field, f"{_shown(text)} has a path that is not accepted; {accepted}")
+    return (origin + slash + path).rstrip("/")
+
+
 def region_code(value: Any, field: str = "region") -> str:
     """The shape of an AWS region code (us-west-2); whether it is a known region is
     `regions.get`'s question."""

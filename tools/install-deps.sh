@@ -16,7 +16,10 @@ pkgs=(python3 python3-venv python3-dev gcc make qemu-system-x86 qemu-utils ovmf 
       # (monitor, one memstore OSD, RADOS Gateway) is the real S3-compatible store the vaults'
       # S3 backend is tested against; no manager daemon is needed, and nothing here starts
       # by itself
-      radosgw ceph-mon ceph-osd ceph-common)
+      radosgw ceph-mon ceph-osd ceph-common
+      # the web console's browser tests (tests/webconsole): headless Chromium and its
+      # WebDriver, driven by selenium from the virtualenv
+      chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -45,6 +45,11 @@ def aws(env: dict[str, str], port: int, *args: str) -> subprocess.CompletedProce
     )
 
 
+SCHEDULE = [{"StartHourOfDay": 0, "StartMinuteOfHour": 0, "EndHourOfDay": 23,
+             "EndMinuteOfHour": 59, "DaysOfWeek": [1, 2, 3],
+             "AverageUploadRateLimitInBitsPerSec": 1_000_000}]
+
+
 def test_kill_9_and_restart_keep_state(tmp_path: Path) -> None:
     state = tmp_path / "state"
     port = free_port()
@@ -66,6 +71,11 @@ def test_kill_9_and_restart_keep_state(tmp_path: Path) -> None:
         body = json.dumps({"after": 0, "wait": 0}).encode()
         assert link.send("POST", "/gateway/poll", body).status == 200
         captured = dict(link.last_headers)
+        # An acknowledged schedule (its commit's fsync runs off the event loop, awaited
+        # before the answer: controlplane/walsync.py) survives the kill too.
+        done = aws(env, port, "put-bandwidth-rate-limit-schedule", "--gateway-arn", arn,
+                   "--bandwidth-rate-limit-intervals", json.dumps(SCHEDULE))
+        assert done.returncode == 0, done.stderr
     finally:
         proc.kill()  # SIGKILL: no chance to flush anything
 
@@ -75,6 +85,8 @@ def test_kill_9_and_restart_keep_state(tmp_path: Path) -> None:
         done = aws(env, port, "get-gateway", "--gateway-arn", arn)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["Gateway"]["GatewayDisplayName"] == "durable"
+        done = aws(env, port, "get-bandwidth-rate-limit-schedule", "--gateway-arn", arn)
+        assert json.loads(done.stdout)["BandwidthRateLimitIntervals"] == SCHEDULE
         # The nonce seen before the kill is still refused.
         replay = link.send("POST", "/gateway/poll", body, headers=captured)
         assert replay.status == 401 and "replayed" in replay.body["message"]

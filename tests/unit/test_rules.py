@@ -248,3 +248,24 @@ def test_hypervisor_hosts_refused_naming_the_field(text: str) -> None:
         rules.hypervisor_host(text)
     assert caught.value.field == "Host" and "accepted:" in caught.value.message
     assert "u:p@" not in caught.value.message  # a password in the URI is not repeated
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("http://cp:8443/console", "http://cp:8443/console"),
+    ("https://[2001:db8::1]:8443/console/", "https://[2001:db8::1]:8443/console"),
+    ("http://192.0.2.7", "http://192.0.2.7"),
+    ("https://ops.example.com/backup-console/v1", "https://ops.example.com/backup-console/v1"),
+])
+def test_console_urls_accepted(text: str, kept: str) -> None:
+    assert rules.console_url(text) == kept
+
+
+@pytest.mark.parametrize("text", [
+    "javascript:alert(1)", "http://cp/console?x=1", "http://cp/console#f", "http://u@cp/c",
+    'http://cp/c"onload', "http://cp/c<script>", "http://a b/c", "ftp://cp/c", "http://cp:0/",
+    "http://cp/%2e%2e", "//cp/console", "", "http://cp/a//b",
+])
+def test_console_urls_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(rules.RuleError) as caught:
+        rules.console_url(text, "--console-url")
+    assert caught.value.field == "--console-url" and "accepted:" in caught.value.message
