@@ -14,8 +14,8 @@ VCSIM := $(BUILD)/vcsim/vcsim
 help:
 	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
 	@echo "make test       install what is needed and run every test (unit, AWS CLI, console, VM)"
-	@echo "make test-fast  the tests that need no VM image"
-	@echo "make bench      the upload shaper and backup benchmarks (figures against baselines of the same run)"
+	@echo "make test-fast  the quick tests: no VM image, no browser, no long walkthrough"
+	@echo "make bench      the shaper, backup and fleet benchmarks (figures against baselines of the same run)"
 	@echo "make ova        build $(OVA) with Packer"
 	@echo "make controlplane  run the reference control plane on 127.0.0.1:8443"
 	@echo "make lint       ruff"
@@ -56,22 +56,28 @@ $(VCSIM): tools/vcsim/main.go tools/vcsim/build.sh | deps
 	tools/vcsim/build.sh $@
 
 # The tests that need no VM run on three workers (most wait on real processes, not the CPU),
-# a file per worker at a time (module fixtures stay per file), except the console's, which type into a real pty against deadlines and run
-# alone after them; the VM tests run last, each boot having the machine to itself.
+# a file per worker at a time (module fixtures stay per file), except the console's, which
+# type into a real pty against deadlines and run alone after them. `make test-fast` leaves
+# out the single tests of 15 s or more (marker `long`: walkthroughs, kills mid-job) and the
+# browser's; `make test` runs them after it, then the VM tests, each boot having the machine
+# to itself.
 PARALLEL := -n 3 --dist loadfile
-FAST := $(PY) -m pytest -m "not vm" -q $(PARALLEL) --ignore=tests/console && \
-	$(PY) -m pytest -m "not vm" -q tests/console
+FAST := $(PY) -m pytest -m "not vm and not browser and not long" -q $(PARALLEL) \
+	--ignore=tests/console && $(PY) -m pytest -m "not vm and not browser" -q tests/console
 
 test-fast: venv vcsim
 	$(FAST)
 
 test: deps venv lint vcsim ova
 	$(FAST)
+	$(PY) -m pytest -m "long and not vm" -q $(PARALLEL)
+	$(PY) -m pytest -m browser -q tests/webconsole
 	APPLIANCE_OVA=$(OVA) $(PY) -m pytest -m vm -q
 
 bench: venv
 	$(PY) -m tools.bench
 	$(PY) -m tools.backupbench
+	$(PY) -m tools.fleetbench --fleet-10k
 
 ova: $(OVA)
 

@@ -148,6 +148,7 @@ def guest(kvm: libvirtd.Libvirtd, name: str, random_mib: int = 0) -> Iterator[Vm
         vm.remove()
 
 
+@pytest.mark.long
 def test_backup_incremental_and_restore_with_the_aws_cli(
     control_plane: Any, make_appliance: Callable[..., Any], kvm: libvirtd.Libvirtd,
     wait_until: Callable[..., Any], tmp_path: Path,

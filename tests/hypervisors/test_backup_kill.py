@@ -46,6 +46,7 @@ def plane_on(tmp_path: Path) -> Iterator[tuple[Any, Callable[[], set[str]]]]:
         cp.stop()
 
 
+@pytest.mark.long
 def test_gateway_and_control_plane_killed_mid_backup(
     plane_on: tuple[Any, Callable[[], set[str]]], make_appliance: Callable[..., Any],
     kvm: libvirtd.Libvirtd, wait_until: Callable[..., Any], tmp_path: Path,

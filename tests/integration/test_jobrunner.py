@@ -486,6 +486,7 @@ def test_a_restarted_gateway_resumes_the_job_without_sending_again(tmp_path: Pat
         assert gateway.job_link.bytes_sent <= 8 * MiB  # the two chunks in the vault skipped
 
 
+@pytest.mark.long
 def test_a_control_plane_restart_mid_job_is_ridden_out(tmp_path: Path) -> None:
     with site(tmp_path) as s:
         # 8 MB/s: 16 MiB take 2 s, and the chunks in flight at the stop end soon (the

@@ -202,6 +202,7 @@ def attacker_address_usable() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not attacker_address_usable(), reason="127.0.0.2 is not routed to lo here")
 def test_slowloris_from_one_address_never_keeps_a_real_client_out(appliance: Any) -> None:

@@ -240,6 +240,7 @@ def demo_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.long
 def test_two_commands_section_as_printed(
     control_plane: Any, appliance: Any, wait_until: Callable[..., Any], demo_dir: Path
 ) -> None:
