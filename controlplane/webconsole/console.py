@@ -160,7 +160,9 @@ class WebConsole:
         sub.router.add_post("/region", self.signed_in(self._region))
         sub.router.add_get("/static/{name}", self._static_file)
         for module in (gateways, schedule, hypervisors, jobs):
-            module.Pages(self).add_routes(sub.router)
+            pages = module.Pages(self)
+            for method, path, name in pages.ROUTES:
+                sub.router.add_route(method, path, self.signed_in(getattr(pages, name)))
         app.router.add_get(PREFIX, self._home)
         app.add_subapp(PREFIX, sub)
 
@@ -456,3 +458,14 @@ def console_base(host: str, port: int, secure: bool) -> str:
         host = socket.gethostname()
     shown = f"[{host}]" if ":" in host else host
     return f"{'https' if secure else 'http'}://{shown}:{port}{PREFIX}"
+
+
+class PageSet:
+    """A group of pages of one console, all for signed-in sessions only (a POST with the
+    session's CSRF token): ROUTES lists (method, path under /console, handler method's
+    name), which WebConsole.install registers through `signed_in`."""
+
+    ROUTES: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, console: WebConsole) -> None:
+        self.console = console

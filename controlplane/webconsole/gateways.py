@@ -24,7 +24,7 @@ from controlplane.errors import ApiError
 from controlplane.webconsole.auth import Session
 from controlplane.webconsole.console import (
     PREFIX,
-    WebConsole,
+    PageSet,
     field,
     form_error,
     form_text,
@@ -80,27 +80,24 @@ def gateway_address(text: str) -> tuple[str, int]:
     return str(ip), 80
 
 
-class Pages:
+class Pages(PageSet):
     """The gateway pages of one console."""
 
-    def __init__(self, console: WebConsole) -> None:
-        self.console = console
-
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        c = self.console
-        router.add_get("/gateways", c.signed_in(self.list_page))
-        router.add_get("/gateways/create", c.signed_in(self.create_page))
-        router.add_get("/gateways/connect", c.signed_in(self.connect))
-        router.add_post("/gateways/create", c.signed_in(self.create))
-        router.add_get("/backup/home", c.signed_in(self.landing))
-        router.add_get("/gateway", c.signed_in(self.detail))
-        router.add_post("/gateway/rename", c.signed_in(self.rename))
-        router.add_get("/gateway/delete", c.signed_in(self.delete_page))
-        router.add_post("/gateway/delete", c.signed_in(self.delete))
-        router.add_post("/gateway/tags/add", c.signed_in(self.tag_add))
-        router.add_post("/gateway/tags/remove", c.signed_in(self.tag_remove))
-        router.add_post("/gateway/hypervisor", c.signed_in(self.connect_hypervisor))
-        router.add_post("/gateway/hypervisor/disconnect", c.signed_in(self.disconnect))
+    ROUTES = (
+        ("GET", "/gateways", "list_page"),
+        ("GET", "/gateways/create", "create_page"),
+        ("GET", "/gateways/connect", "connect"),
+        ("POST", "/gateways/create", "create"),
+        ("GET", "/backup/home", "landing"),
+        ("GET", "/gateway", "detail"),
+        ("POST", "/gateway/rename", "rename"),
+        ("GET", "/gateway/delete", "delete_page"),
+        ("POST", "/gateway/delete", "delete"),
+        ("POST", "/gateway/tags/add", "tag_add"),
+        ("POST", "/gateway/tags/remove", "tag_remove"),
+        ("POST", "/gateway/hypervisor", "connect_hypervisor"),
+        ("POST", "/gateway/hypervisor/disconnect", "disconnect"),
+    )
 
     # -- list ----------------------------------------------------------------------------
 

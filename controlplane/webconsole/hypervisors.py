@@ -18,7 +18,7 @@ from controlplane.errors import ApiError
 from controlplane.webconsole.auth import Session
 from controlplane.webconsole.console import (
     PREFIX,
-    WebConsole,
+    PageSet,
     field,
     form_error,
     form_text,
@@ -49,22 +49,19 @@ def _optional(form: Any, names: list[str]) -> dict[str, str]:
     return out
 
 
-class Pages:
-    def __init__(self, console: WebConsole) -> None:
-        self.console = console
-
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        c = self.console
-        router.add_get("/hypervisors", c.signed_in(self.list_page))
-        router.add_post("/hypervisors/import", c.signed_in(self.import_))
-        router.add_get("/hypervisor", c.signed_in(self.detail))
-        router.add_post("/hypervisor/update", c.signed_in(self.update))
-        router.add_post("/hypervisor/test", c.signed_in(self.test))
-        router.add_post("/hypervisor/sync", c.signed_in(self.sync))
-        router.add_post("/hypervisor/mappings/add", c.signed_in(self.mapping_add))
-        router.add_post("/hypervisor/mappings/remove", c.signed_in(self.mapping_remove))
-        router.add_post("/hypervisor/delete", c.signed_in(self.delete))
-        router.add_get("/vms", c.signed_in(self.vms))
+class Pages(PageSet):
+    ROUTES = (
+        ("GET", "/hypervisors", "list_page"),
+        ("POST", "/hypervisors/import", "import_"),
+        ("GET", "/hypervisor", "detail"),
+        ("POST", "/hypervisor/update", "update"),
+        ("POST", "/hypervisor/test", "test"),
+        ("POST", "/hypervisor/sync", "sync"),
+        ("POST", "/hypervisor/mappings/add", "mapping_add"),
+        ("POST", "/hypervisor/mappings/remove", "mapping_remove"),
+        ("POST", "/hypervisor/delete", "delete"),
+        ("GET", "/vms", "vms"),
+    )
 
     # -- list and import -----------------------------------------------------------------
 

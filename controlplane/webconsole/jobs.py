@@ -23,7 +23,7 @@ from controlplane.errors import ApiError
 from controlplane.webconsole.auth import Session
 from controlplane.webconsole.console import (
     PREFIX,
-    WebConsole,
+    PageSet,
     field,
     form_error,
     form_text,
@@ -67,19 +67,16 @@ def job_row(job: dict[str, Any], kind: str, csrf: Markup, names: dict[str, str])
         when(job.get("CreationDate")), stop)
 
 
-class Pages:
-    def __init__(self, console: WebConsole) -> None:
-        self.console = console
-
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        c = self.console
-        router.add_get("/jobs", c.signed_in(self.jobs))
-        router.add_get("/jobs/live", c.signed_in(self.live))
-        router.add_post("/jobs/start", c.signed_in(self.start))
-        router.add_post("/jobs/stop", c.signed_in(self.stop))
-        router.add_get("/recovery-points", c.signed_in(self.points))
-        router.add_get("/restore", c.signed_in(self.restore_page))
-        router.add_post("/restore", c.signed_in(self.restore))
+class Pages(PageSet):
+    ROUTES = (
+        ("GET", "/jobs", "jobs"),
+        ("GET", "/jobs/live", "live"),
+        ("POST", "/jobs/start", "start"),
+        ("POST", "/jobs/stop", "stop"),
+        ("GET", "/recovery-points", "points"),
+        ("GET", "/restore", "restore_page"),
+        ("POST", "/restore", "restore"),
+    )
 
     async def _vms_and_vaults(self, session: Session) -> tuple[list[dict[str, Any]],
                                                                list[dict[str, Any]]]:

@@ -19,7 +19,7 @@ from controlplane.errors import ApiError
 from controlplane.webconsole.auth import Session
 from controlplane.webconsole.console import (
     PREFIX,
-    WebConsole,
+    PageSet,
     field,
     form_error,
     form_text,
@@ -102,17 +102,14 @@ def week_table(schedule: Schedule) -> Markup:
         join(rows))
 
 
-class Pages:
+class Pages(PageSet):
     """The schedule page of a gateway."""
 
-    def __init__(self, console: WebConsole) -> None:
-        self.console = console
-
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        c = self.console
-        router.add_get("/gateway/schedule", c.signed_in(self.page))
-        router.add_post("/gateway/schedule/save", c.signed_in(self.save))
-        router.add_post("/gateway/schedule/remove", c.signed_in(self.remove))
+    ROUTES = (
+        ("GET", "/gateway/schedule", "page"),
+        ("POST", "/gateway/schedule/save", "save"),
+        ("POST", "/gateway/schedule/remove", "remove"),
+    )
 
     async def _load(self, session: Session, arn: str) -> tuple[str, list[dict[str, Any]]]:
         region = region_of(arn, session.region)
