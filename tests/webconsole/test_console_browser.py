@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.conftest import PYTHON, Appliance, ControlPlane, child_env, free_port
-
-browserkit = pytest.importorskip("tests.webconsole.browserkit")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-
-from tests.webconsole.browserkit import error_beside, shot, until  # noqa: E402
+from tests.webconsole.browserkit import error_beside, shot, until
 
 PASSWORD = "a long browser password"
 REGION = "us-east-1"  # the console's default region

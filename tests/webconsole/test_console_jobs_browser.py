@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select
 
 from controlplane.webconsole import auth
 from tests.controlplane.test_job_link import (
@@ -26,14 +30,8 @@ from tests.controlplane.test_job_link import (
     manifest_doc,
     one_gateway,
 )
-
-browserkit = pytest.importorskip("tests.webconsole.browserkit")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
-
-from tests.webconsole.browserkit import error_beside, shot, until  # noqa: E402
+from tests.webconsole import browserkit
+from tests.webconsole.browserkit import error_beside, shot, until
 
 PASSWORD = "jobs page password"
 MiB = 1 << 20
