@@ -85,6 +85,11 @@ class ChunkStore(Protocol):
 
     def names(self) -> Iterator[str]: ...
 
+    def listing(self, limit: int) -> dict[str, int] | None:
+        """Every object's size by name when there are at most `limit`, else None (a vault
+        that small is known whole after one listing: no look per chunk after it)."""
+        ...
+
     def sync(self) -> None:
         """Make every put that returned before this call durable."""
         ...
@@ -267,6 +272,19 @@ class LocalChunkStore:
         for _, entry in self._entries():
             if NAME_RE.fullmatch(entry.name):
                 yield entry.name
+
+    def listing(self, limit: int) -> dict[str, int] | None:
+        found: dict[str, int] = {}
+        for _, entry in self._entries():
+            if not NAME_RE.fullmatch(entry.name):
+                continue
+            if len(found) >= limit:
+                return None
+            try:
+                found[entry.name] = entry.stat().st_size
+            except FileNotFoundError:
+                continue  # deleted since listed
+        return found
 
     def sync(self) -> None:
         if self.durable:

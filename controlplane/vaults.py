@@ -154,23 +154,68 @@ class _Vault:
     # /missing answer need not look at the store again for them (on a bucket, a HEAD each).
     # Only reclaim deletes chunks, under `lock`, and it forgets them here as it does.
     known: dict[str, int] = field(default_factory=dict)
+    # True while `known` holds every chunk of the vault: its first look listed at most
+    # KNOWN_MAX chunks, and since then puts have added and reclaim has forgotten. Then a
+    # chunk not in it is absent, with no look at the store at all.
+    whole: bool = False
+    listed: bool = False
+    list_lock: threading.Lock = field(default_factory=threading.Lock)
+    dropped: set[str] | None = None  # while a listing runs: what reclaim deleted meanwhile
 
     def learn(self, sizes: dict[str, int | None]) -> None:
-        """Remember the chunks `sizes` found (bounded: past KNOWN_MAX, nothing is added)."""
+        """Remember the chunks `sizes` found (bounded: past KNOWN_MAX, nothing is added, and
+        the map no longer holds the whole vault)."""
         with self.lock:
-            room = KNOWN_MAX - len(self.known)
             for chunk_id, size in sizes.items():
-                if size is not None and room > 0 and chunk_id not in self.known:
-                    self.known[chunk_id] = size
-                    room -= 1
+                if size is None or chunk_id in self.known:
+                    continue
+                if len(self.known) >= KNOWN_MAX:
+                    self.whole = False
+                    continue
+                self.known[chunk_id] = size
+
+    def forget(self, chunk_id: str) -> None:
+        """Reclaim deletes `chunk_id` (the caller holds `lock`): not known any more, and not
+        to be added back by a listing that saw it before it went."""
+        self.known.pop(chunk_id, None)
+        if self.dropped is not None:
+            self.dropped.add(chunk_id)
+
+    def list_once(self) -> None:
+        """At the vault's first look, list it (a bucket: one ListObjectsV2 per 1,000
+        chunks): a vault of at most KNOWN_MAX chunks is then known whole. What reclaim
+        deletes while the listing runs is left out of what it found."""
+        if self.listed:
+            return
+        with self.list_lock:
+            if self.listed:
+                return
+            with self.lock:
+                self.dropped = set()
+            try:
+                found = self.chunks.listing(KNOWN_MAX)
+            except BaseException:
+                with self.lock:
+                    self.dropped = None
+                raise
+            with self.lock:
+                dropped, self.dropped = self.dropped or set(), None
+                if found is not None:
+                    for chunk_id, size in found.items():
+                        if chunk_id not in dropped:
+                            self.known.setdefault(chunk_id, size)
+                    self.whole = len(self.known) <= KNOWN_MAX
+                self.listed = True
 
     def sizes(self, ids: Iterable[str]) -> dict[str, int | None]:
         """The stored size of each chunk (None: absent), looking at the store only for the
-        ones this process does not know."""
+        ones this process does not know, and not at all when it knows the whole vault."""
+        self.list_once()
         with self.lock:
             found: dict[str, int | None] = {c: self.known.get(c) for c in ids}
+            whole = self.whole
         unknown = [c for c, size in found.items() if size is None]
-        if unknown:
+        if unknown and not whole:
             looked = self.chunks.sizes(unknown)
             self.learn(looked)
             found.update(looked)
@@ -341,8 +386,9 @@ class Vaults:
             # an object store a look is one more round trip per chunk.
             blob = self._seal(v, chunk_id, encoding, view)
             stored = v.chunks.put_if_absent(chunk_id, blob)
-        if stored:
-            v.learn({chunk_id: len(blob)})
+            # Stored now, or found there (another control plane put it): known either way,
+            # so a commit of a vault known whole counts it.
+            v.learn({chunk_id: len(blob)} if stored else v.chunks.sizes([chunk_id]))
         return stored
 
     def get_chunk(self, vault: str, chunk_id: str) -> tuple[str, bytes]:
@@ -510,10 +556,12 @@ class Vaults:
                         with v.lock:
                             if chunk_id in v.touched:
                                 continue
-                            size = v.chunks.size(chunk_id)
+                            size = v.known.get(chunk_id)
+                            if size is None:
+                                size = v.chunks.size(chunk_id)
                             if size is None:
                                 continue
-                            v.known.pop(chunk_id, None)
+                            v.forget(chunk_id)
                             v.chunks.delete(chunk_id)
                         count += 1
                         freed += size - OVERHEAD
@@ -561,7 +609,8 @@ class Vaults:
                     except KeyError:
                         continue
                     except VaultError:
-                        v.known.pop(chunk_id, None)
+                        with v.lock:
+                            v.forget(chunk_id)
                         v.chunks.delete(chunk_id)
                         removed += 1
                         log.warning("event=vault_chunk_removed vault=%s chunk=%s "

@@ -545,3 +545,23 @@ def test_put_throughput_is_printed(vaults: Vaults, capsys: pytest.CaptureFixture
               f"commit (sync) {commit_s * 1000:.0f} ms")
     assert all(stored) and point.chunks == 64
     assert plain_mb / put_s > 20  # an order of magnitude below the target: catches a hang
+
+
+def test_a_chunk_reclaimed_while_the_vault_is_listed_stays_forgotten(vaults: Vaults) -> None:
+    """The vault's first look lists it; a reclaim deleting a chunk the listing already saw
+    must win: the chunk is then absent (a commit naming it answers MissingChunks)."""
+    chunk_id = put(vaults, plain_chunk(7))  # referenced by no point
+    v = vaults._open(VAULT)
+    real = v.chunks.listing
+
+    def listing(limit: int) -> dict[str, int] | None:
+        found = real(limit)
+        assert found is not None and chunk_id in found
+        assert vaults.reclaim(VAULT, keep=[])[0] == 1  # deleted after it was listed
+        return found
+
+    v.chunks.listing = listing  # type: ignore[method-assign]
+    assert vaults.missing(VAULT, [chunk_id]) == [chunk_id]
+    with pytest.raises(VaultError) as err:
+        vaults.commit(VAULT, "p", one_disk((chunk_id, 10)))
+    assert err.value.fields["missing"] == [chunk_id]

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+import controlplane.vaults as vaults_module
 from controlplane import s3store
 from controlplane.atrest import SecretsAtRest
 from controlplane.chunkstore import ChunkStore, LocalChunkStore, LocalVaultStores, VaultStores
@@ -345,31 +346,57 @@ def test_vaults_end_to_end_over_s3(s3_vaults: Vaults, settings: S3Settings, admi
     assert err.value.code == "VaultMissing"
 
 
-def test_chunks_put_or_seen_are_not_looked_up_again(s3_vaults: Vaults,
-                                                    tmp_path: Path) -> None:
-    """A backup's round trips per chunk: one HEAD in /missing, one PUT, and no HEAD in the
-    commit for a chunk this process put; a reclaimed chunk is looked up again."""
-    heads: list[str] = []
-    client = s3_vaults._stores.bucket.client  # type: ignore[attr-defined]
-    client.meta.events.register("before-parameter-build.s3.HeadObject",
-                                lambda params, **_: heads.append(params["Key"]))
+def count_calls(vaults: Vaults, *operations: str) -> dict[str, list[str]]:
+    """The keys (or prefixes) of the S3 calls `vaults` makes from now on, by operation."""
+    calls: dict[str, list[str]] = {op: [] for op in operations}
+    client = vaults._stores.bucket.client  # type: ignore[attr-defined]
+    for op in operations:
+        client.meta.events.register(
+            f"before-parameter-build.s3.{op}",
+            lambda params, op=op, **_: calls[op].append(params.get("Key")
+                                                         or params.get("Prefix", "")))
+    return calls
+
+
+def test_a_vault_is_listed_once_then_no_chunk_is_looked_up(s3_vaults: Vaults) -> None:
+    """A backup's round trips per chunk: the vault's first look lists it (one
+    ListObjectsV2 per 1,000 chunks); after that /missing and the commit look nothing up,
+    and a chunk is one PUT; reclaim forgets what it deletes."""
+    calls = count_calls(s3_vaults, "HeadObject", "ListObjectsV2")
     plains = [plain_chunk(10 + n) for n in range(4)]
     ids = [cid(p) for p in plains]
     assert s3_vaults.missing(VAULT, ids) == ids
-    looked = [h for h in heads if "/chunks/" in h]
-    assert len(looked) == 4
+    assert [k for k in calls["ListObjectsV2"] if "/chunks/" in k] != []
     for chunk_id, plain in zip(ids, plains, strict=True):
         assert s3_vaults.put_chunk(VAULT, chunk_id, "identity", plain) is True
-    heads.clear()
     s3_vaults.commit(VAULT, "rp-known", one_disk(*((c, len(p)) for c, p in
                                                     zip(ids, plains, strict=True))))
     assert s3_vaults.missing(VAULT, ids) == []
-    assert [h for h in heads if "/chunks/" in h] == []
-    # reclaim forgets what it deletes: the next look goes to the bucket and finds nothing
     s3_vaults.delete_point(VAULT, "rp-known")
     assert s3_vaults.reclaim(VAULT, keep=[])[0] == 4
     assert s3_vaults.missing(VAULT, ids) == ids
-    assert len([h for h in heads if "/chunks/" in h]) >= 4
+    assert [h for h in calls["HeadObject"] if "/chunks/" in h] == []
+
+
+def test_a_vault_too_big_to_list_is_looked_up_chunk_by_chunk(
+        s3_vaults: Vaults, settings: S3Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past KNOWN_MAX chunks the listing gives up: the chunks this process does not know
+    are looked up one HEAD each (and then remembered), never guessed absent."""
+    plains = [plain_chunk(20 + n) for n in range(3)]
+    ids = [cid(p) for p in plains]
+    for chunk_id, plain in zip(ids, plains, strict=True):
+        s3_vaults.put_chunk(VAULT, chunk_id, "identity", plain)
+    monkeypatch.setattr(vaults_module, "KNOWN_MAX", 2)
+    other = Vaults(tmp_path / "unused2", SecretsAtRest.load_or_create(tmp_path / "secrets.key"),
+                   stores=S3VaultStores(settings))
+    calls = count_calls(other, "HeadObject")
+    fresh = cid(plain_chunk(99))
+    assert other.missing(VAULT, [*ids, fresh]) == [fresh]
+    assert len([h for h in calls["HeadObject"] if "/chunks/" in h]) == 4
+    assert other.missing(VAULT, ids[:2]) == []        # remembered (2 fit): no new look
+    assert len([h for h in calls["HeadObject"] if "/chunks/" in h]) == 4
+    other.close()
 
 
 # -- failures as the caller sees them --------------------------------------------------------
