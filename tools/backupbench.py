@@ -85,9 +85,9 @@ import controlplane.joblink as cp_joblink
 from appliance.hypervisors import Target, connector_for
 from appliance.hypervisors.libvirtbackup import running_backup
 from appliance.localclient import UnixHTTPConnection
-from controlplane.s3store import S3Settings
+from controlplane import vaultsettings
 from controlplane.server import ControlPlane
-from controlplane.vaultsettings import S3, VaultStoreSettings
+from controlplane.vaultsettings import VaultStoreSettings
 from tools import cephrgw, libvirtd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1220,9 +1220,8 @@ def concurrent(site: Site, doms: list[Domain], arns: dict[str, str],
 # -- figure 6: the vault in an S3 bucket (Ceph RGW) --------------------------------------------
 
 
-S3_REGION = "us-east-1"
-S3_BUCKET = "bench-vaults"
-PLAIN_PREFIX = "plain-put/"
+S3_BUCKET = cephrgw.VAULT_BUCKET
+PLAIN_PREFIX = "plain-put/"       # the baseline's objects, beside the vault's (prefix "")
 
 
 def disk_pieces(dom: Domain, work: Path) -> tuple[Path, list[tuple[int, int]]]:
@@ -1283,20 +1282,10 @@ def s3_backup(work: Path, plane_root: Path, stack: contextlib.ExitStack, hv: Hyp
     disk's allocated data in 4 MiB pieces) to the same bucket."""
     rgw = cephrgw.start(work / "ceph")
     stack.callback(rgw.stop)
-    s3 = boto3.client("s3", endpoint_url=rgw.endpoint, region_name=S3_REGION,
-                      aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
-                      config=Config(s3={"addressing_style": "path"},
-                                    max_pool_connections=16,
-                                    request_checksum_calculation="when_required",
-                                    response_checksum_validation="when_required"))
-    s3.create_bucket(Bucket=S3_BUCKET)
-    credentials = work / "s3-credentials"
-    credentials.write_text(f"[default]\naws_access_key_id = {rgw.access_key}\n"
-                           f"aws_secret_access_key = {rgw.secret_key}\n")
-    credentials.chmod(0o600)
-    settings = VaultStoreSettings(kind=S3, s3=S3Settings(
-        endpoint_url=rgw.endpoint, region=S3_REGION, bucket=S3_BUCKET, prefix="cp/",
-        credentials_file=credentials))
+    s3 = rgw.client(max_pool_connections=16)
+    settings_file = work / "vault-store.toml"
+    cephrgw.write_vault_store(rgw, settings_file)  # as the README's walkthrough does
+    settings = vaultsettings.load(settings_file)
     raw, pieces = disk_pieces(dom, work)
     site = Site(work, plane_root / "controlplane-s3", stack, hv, vault_store=settings,
                 name="gateway-s3")
@@ -1309,7 +1298,7 @@ def s3_backup(work: Path, plane_root: Path, stack: contextlib.ExitStack, hv: Hyp
     allocated = before.nbytes
     base = (before.nbytes + after.nbytes) / (before.seconds + after.seconds)
     rate = allocated / job.seconds
-    objects, stored = stored_bytes(s3, "cp/")
+    objects, stored = stored_bytes(s3, "")  # the plain loops' objects are deleted by now
     chunks, manifest = site.receipts.sent(job.job_id)
     say(f"6. full backup of the same VM ({allocated / MiB:.1f} MiB allocated) by a second "
         f"gateway to a control plane whose vault is in an S3 bucket (one-node Ceph RGW "

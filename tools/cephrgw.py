@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gatewaycore.atomicfile import write_atomic
 
@@ -92,6 +93,21 @@ class Rgw:
                 _wait_exit(self, name, time.monotonic() + STOP_GRACE)
         if remove:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def client(self, **options: Any) -> Any:
+        """A boto3 S3 client of the S3 user (path-style; checksums only where the API needs
+        them), for the bucket's set-up and for looking behind the control plane's store;
+        `options` go to botocore's Config."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=S3_REGION,
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key,
+                            config=Config(s3={"addressing_style": "path"},
+                                          request_checksum_calculation="when_required",
+                                          response_checksum_validation="when_required",
+                                          **options))
 
     def admin(self, *args: str, timeout: float = 30.0) -> str:
         """Run `radosgw-admin` against this cluster; its stdout (CephError on failure)."""
@@ -362,18 +378,25 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def vault_store_toml(endpoint: str, bucket: str, credentials: Path, *, prefix: str = "",
+                     key_file: str = "vault-master.key") -> str:
+    """The control plane's vault store settings (`serve --vault-store`) for a bucket of
+    this cluster; `key_file` relative to the settings file's directory."""
+    return ("[s3]\n"
+            f'endpoint_url = "{endpoint}"\n'
+            f'region = "{S3_REGION}"\n'
+            f'bucket = "{bucket}"\n'
+            f'prefix = "{prefix}"\n'
+            f'credentials_file = "{credentials}"\n'
+            "# the vaults' master key, made when missing: keep a copy off this machine\n"
+            f'key_file = "{key_file}"\n')
+
+
 def write_vault_store(rgw: Rgw, settings: Path) -> None:
     """The bucket VAULT_BUCKET, the S3 user's keys as an AWS shared-credentials file in the
     cluster's directory (profiles `default` and `ceph`; gone with the cluster), and the
     control plane's settings for them in `settings` (its master key file beside it)."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client("s3", endpoint_url=rgw.endpoint, region_name=S3_REGION,
-                          aws_access_key_id=rgw.access_key,
-                          aws_secret_access_key=rgw.secret_key,
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=VAULT_BUCKET)
+    rgw.client().create_bucket(Bucket=VAULT_BUCKET)
     keys = (f"aws_access_key_id = {rgw.access_key}\n"
             f"aws_secret_access_key = {rgw.secret_key}\n")
     credentials = rgw.base_dir / CREDENTIALS_FILE
@@ -382,13 +405,7 @@ def write_vault_store(rgw: Rgw, settings: Path) -> None:
     settings.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(settings, (
         "# Written by python -m tools.cephrgw start: vaults in the local one-node Ceph RGW.\n"
-        "[s3]\n"
-        f'endpoint_url = "{rgw.endpoint}"\n'
-        f'region = "{S3_REGION}"\n'
-        f'bucket = "{VAULT_BUCKET}"\n'
-        f'credentials_file = "{credentials}"\n'
-        '# the vaults\' master key, made when missing: keep a copy off this machine\n'
-        'key_file = "vault-master.key"\n').encode(), mode=0o644)
+        + vault_store_toml(rgw.endpoint, VAULT_BUCKET, credentials)).encode(), mode=0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,12 @@ from tests.hypervisors.test_backup_kill import (  # noqa: F401 (collected here t
     test_gateway_and_control_plane_killed_mid_backup,
 )
 from tests.objectstore.conftest import (  # noqa: F401 (fixtures)
-    REGION,
     admin,
     bucket,
     credentials_file,
     rgw,
 )
+from tools import cephrgw
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,13 +33,8 @@ def plane_on(request: pytest.FixtureRequest, tmp_path: Path
     s3 = request.getfixturevalue("admin")
     keys = request.getfixturevalue("credentials_file")
     settings = tmp_path / "vault-store.toml"
-    settings.write_text(f"""[s3]
-endpoint_url = "{ceph.endpoint}"
-region = "{REGION}"
-bucket = "{name}"
-credentials_file = "{keys}"
-key_file = "master.key"
-""")
+    settings.write_text(cephrgw.vault_store_toml(ceph.endpoint, name, keys,
+                                                 key_file="master.key"))
     cp = ControlPlane(tmp_path / "controlplane", free_port(),
                       extra_args=["--vault-store", str(settings)])
 

@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from controlplane.s3store import S3Settings
 from tools import cephrgw
 
-REGION = "us-east-1"
+REGION = cephrgw.S3_REGION  # RGW takes any; the one vault_store_toml writes
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +36,7 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cephrgw.Rgw]:
 @pytest.fixture(scope="session")
 def admin(rgw: cephrgw.Rgw) -> Any:
     """A plain boto3 client of the S3 user: to make buckets and look behind the stores."""
-    return boto3.client("s3", endpoint_url=rgw.endpoint, region_name=REGION,
-                        aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
-                        config=Config(s3={"addressing_style": "path"},
-                                      request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required"))
+    return rgw.client()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from tests.controlplane.vaultharness import (
     snapshot,
     vault_plane,
 )
-from tests.objectstore.conftest import REGION
 from tools import cephrgw
 
 PREFIX = "cp1/"
@@ -41,15 +40,8 @@ PREFIX = "cp1/"
 def settings_file(rgw: cephrgw.Rgw, bucket: str, credentials_file: Path,
                   tmp_path: Path) -> Path:
     path = tmp_path / "vault-store.toml"
-    path.write_text(f"""
-[s3]
-endpoint_url = "{rgw.endpoint}"
-region = "{REGION}"
-bucket = "{bucket}"
-prefix = "{PREFIX}"
-credentials_file = "{credentials_file}"
-key_file = "master.key"
-""")
+    path.write_text(cephrgw.vault_store_toml(rgw.endpoint, bucket, credentials_file,
+                                             prefix=PREFIX, key_file="master.key"))
     return path
 
 
