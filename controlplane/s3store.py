@@ -427,29 +427,26 @@ class S3Bucket:
         with self._calling("DeleteObject"):
             self.client.delete_object(Bucket=self.name, Key=key)
 
-    def sizes_under(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under `prefix`, page by page (ListObjectsV2)."""
+    def _pages(self, prefix: str, **extra: str) -> Iterator[dict[str, Any]]:
+        """The ListObjectsV2 pages under `prefix`, each call under the backend's errors."""
         pages = iter(self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, Prefix=prefix))
+            Bucket=self.name, Prefix=prefix, **extra))
         while True:
             with self._calling("ListObjectsV2"):
                 page = next(pages, None)
             if page is None:
                 return
+            yield page
+
+    def sizes_under(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under `prefix`, page by page."""
+        for page in self._pages(prefix):
             yield from ((o["Key"], int(o["Size"])) for o in page.get("Contents", ()))
 
     def keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[str]:
         """Every key under `prefix` (ListObjectsV2, page by page); with `delimiter`, the
         common prefixes instead (one level of "directories")."""
-        extra = {"Delimiter": delimiter} if delimiter else {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, Prefix=prefix, **extra)
-        iterator = iter(pages)
-        while True:
-            with self._calling("ListObjectsV2"):
-                page = next(iterator, None)
-            if page is None:
-                return
+        for page in self._pages(prefix, **({"Delimiter": delimiter} if delimiter else {})):
             if delimiter:
                 yield from (p["Prefix"] for p in page.get("CommonPrefixes", ()))
             else:
@@ -611,10 +608,14 @@ class S3ChunkStore:
     def delete(self, name: str) -> None:
         self.bucket.delete(self.key(name))
 
+    def _name_of(self, key: str) -> str | None:
+        """The object name of one of this store's keys (None: another key under the base)."""
+        name = key.rsplit("/", 1)[-1]
+        return name if NAME_RE.fullmatch(name) and key == self.key(name) else None
+
     def names(self) -> Iterator[str]:
         for key in self.bucket.keys(self.base):
-            name = key.rsplit("/", 1)[-1]
-            if NAME_RE.fullmatch(name) and key == self.key(name):
+            if (name := self._name_of(key)) is not None:
                 yield name
 
     def listing(self, limit: int) -> dict[str, int] | None:
@@ -622,8 +623,7 @@ class S3ChunkStore:
         round trips instead of a HEAD per chunk looked up."""
         found: dict[str, int] = {}
         for key, size in self.bucket.sizes_under(self.base):
-            name = key.rsplit("/", 1)[-1]
-            if not (NAME_RE.fullmatch(name) and key == self.key(name)):
+            if (name := self._name_of(key)) is None:
                 continue
             if len(found) >= limit:
                 return None
