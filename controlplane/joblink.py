@@ -242,10 +242,10 @@ class JobOps:
                                              admitted.chunk_id, admitted.encoding, body)
         except VaultError as err:
             raise self._refused(job, err) from None
-        current = self.backups.job(job.job_id)
-        if current is not None and (current.status_message or "").startswith(STORAGE_WAIT):
+        # `job` was read as the chunk was admitted: no second read of it per chunk here.
+        if (job.status_message or "").startswith(STORAGE_WAIT):
             with contextlib.suppress(LinkError):  # the storage is back
-                self._changed(current, current.gateway_id or "", status_message=(
+                self._changed(job, job.gateway_id or "", status_message=(
                     f"running on gateway {self._gateway_arn(admitted.identity)}: the vault's "
                     "storage answers again"))
         return (201, {"stored": True}) if stored else (200, {"stored": False})

@@ -350,11 +350,9 @@ class LinkOps:
                 current = self.identity(identity.key_id)  # purged meanwhile: UnknownGateway
                 remaining = deadline - loop.time()
                 if current.version > after or remaining <= 0 or self.hub.closing:
-                    answer = self.poll_state(current)
-                    # A change made by a request still waiting for its fsync is not told
-                    # to the gateway before it is durable (controlplane/walsync.py).
-                    await self.store.wal.wait()
-                    return answer
+                    # A change whose fsync is still running is not told before it is
+                    # durable: no answer leaves before that (walsync.durable_answers).
+                    return self.poll_state(current)
                 log.debug("event=poll_wait key_id=%s after=%d wait=%.1f",
                           identity.key_id, after, remaining)
                 with contextlib.suppress(TimeoutError):

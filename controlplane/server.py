@@ -437,8 +437,7 @@ class ControlPlane:
         self.scheduler.start()
         self._background = [asyncio.create_task(self.link_ops.run_housekeeping()),
                             asyncio.create_task(gcpolicy.run())]
-        bound = sock.getsockname()
-        return bound[0], bound[1]
+        return here[0], here[1]
 
     async def stop(self) -> None:
         self.hub.close()

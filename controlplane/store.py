@@ -1144,24 +1144,15 @@ class Store:
                 return False
         return True
 
-    def purge(self, now: float, nonces_before: float | None = None) -> dict[str, int]:
-        """Delete expired unused keys and lapsed pending identities; with `nonces_before`,
-        also old nonces (every one, chunk after chunk: `purge_nonces` is the chunked form).
-
-        `now` is business time (key expiry), `nonces_before` wall time (the signature
-        window). Returns how many rows of each kind went, for the log. Committed without
-        an fsync (NORMAL): a purge lost in a power cut is simply done again.
+    def purge(self, now: float) -> dict[str, int]:
+        """Delete expired unused keys and lapsed pending identities (old nonces go in
+        chunks: `purge_nonces`). `now` is business time (key expiry). Returns how many rows
+        of each kind went, for the log. Committed without an fsync (NORMAL): a purge lost
+        in a power cut is simply done again.
         """
-        deleted = {"nonces": 0}
         with self._unsynced(), self._tx() as db:
-            for kind in ("keys", "identities"):
-                deleted[kind] = db.execute(PURGE_QUERIES[kind], (now,)).rowcount
-        if nonces_before is not None:
-            while (chunk := self.purge_nonces(nonces_before)) > 0:
-                deleted["nonces"] += chunk
-                if chunk < NONCE_PURGE_CHUNK:
-                    break
-        return deleted
+            return {kind: db.execute(PURGE_QUERIES[kind], (now,)).rowcount
+                    for kind in ("keys", "identities")}
 
     def purge_nonces(self, before: float) -> int:
         """Delete at most NONCE_PURGE_CHUNK nonces seen before `before` (wall time), in one
