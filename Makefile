@@ -7,9 +7,11 @@ VENV_STAMP := $(VENV)/.installed
 BUILD := build
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/version.py)
 OVA := $(BUILD)/backup-gateway-$(VERSION).ova
+BUNDLE := $(BUILD)/backup-gateway-$(VERSION).bundle
+RELEASE_KEY := $(BUILD)/release/release-key.pem
 VCSIM := $(BUILD)/vcsim/vcsim
 
-.PHONY: help deps venv vcsim test test-fast bench lint ova run controlplane clean
+.PHONY: help deps venv vcsim test test-fast bench lint ova release run controlplane clean
 
 help:
 	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
@@ -17,6 +19,7 @@ help:
 	@echo "make test-fast  the quick tests: no VM image, no browser, no long walkthrough"
 	@echo "make bench      the shaper, backup and fleet benchmarks (figures against baselines of the same run)"
 	@echo "make ova        build $(OVA) with Packer"
+	@echo "make release    the OVA and $(BUNDLE), the signed software update of this version"
 	@echo "make controlplane  run the reference control plane on 127.0.0.1:8443"
 	@echo "make lint       ruff"
 
@@ -83,6 +86,15 @@ ova: $(OVA)
 
 $(OVA): $(shell find gatewaycore appliance systemd packer ovf tools/image -type f -not -name '*.pyc' 2>/dev/null) pyproject.toml | deps $(VENV_STAMP)
 	tools/image/build-ova.sh $(VERSION) $(OVA)
+
+# The development release key (docs/updates.md): made once, never committed (build/).
+$(RELEASE_KEY): | $(VENV_STAMP)
+	$(PY) -m tools.release keygen
+
+$(BUNDLE): $(shell find gatewaycore appliance -type f -not -name '*.pyc' 2>/dev/null) $(RELEASE_KEY)
+	$(PY) -m tools.release bundle --version $(VERSION) --out $(BUNDLE)
+
+release: ova $(BUNDLE)
 
 run: deps venv ova
 	tools/run-vm.sh $(OVA)

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--hypervisor-ca-file", default=None, metavar="PEM",
                        help="CA certificates to verify a vCenter against instead of the "
                             "system store (e.g. the vCenter's VMCA root)")
+    serve.add_argument("--update-result-file", default=None, metavar="FILE",
+                       help="where the update installer writes its result (default "
+                            "/var/lib/appliance-update/result.json)")
 
     status = sub.add_parser("status", help="show the daemon's status (from the local API)")
     status.add_argument("--socket", default=str(config.DEFAULT_LOCAL_API_SOCKET))
@@ -106,6 +109,7 @@ def serve(args: argparse.Namespace) -> int:
                 "local_api_socket": args.local_api_socket,
                 "link_retry_max": args.link_retry_max,
                 "hypervisor_ca_file": args.hypervisor_ca_file,
+                "update_result_file": args.update_result_file,
             },
         )
     except ConfigError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance import updatefiles
 from gatewaycore import rules
 from gatewaycore.rules import RuleError
 
@@ -53,6 +54,8 @@ class Settings:
     # PEM CA certificates a vCenter's (or ESXi host's) certificate is verified against
     # instead of the system store: the way to trust a vCenter's own VMCA (self-signed) root
     hypervisor_ca_file: Path | None = None
+    # Where the root installer writes the outcome of the last software update
+    update_result_file: Path = updatefiles.DEFAULT_RESULT
 
     @property
     def control_plane_host(self) -> str:
@@ -72,6 +75,7 @@ KNOWN_KEYS = {
     "local_api_socket": "a socket path",
     "link_retry_max": "seconds (number, 1-3600) the link waits at most between retries",
     "hypervisor_ca_file": "a PEM file of the CA certificates a vCenter is verified against",
+    "update_result_file": "the file the update installer writes its result to",
 }
 
 
@@ -162,4 +166,6 @@ def load(
         config_file=path,
         hypervisor_ca_file=(None if raw.get("hypervisor_ca_file") is None else
                             _check_path("hypervisor_ca_file", raw["hypervisor_ca_file"])),
+        update_result_file=_check_path("update_result_file", raw.get(
+            "update_result_file", str(updatefiles.DEFAULT_RESULT))),
     )

@@ -9,6 +9,8 @@ Each part has one job, in a module named for it:
 - `hypervisoragent`: hypervisor tests and inventory syncs the control plane asks for;
 - `jobrunner` (+ `joblink`, `backupjob`, `restorejob`): the backup and restore jobs the
   control plane gives the gateway, their chunks sent through the same shaper;
+- `updateagent`: software updates, at once or in the maintenance window, handed to the
+  root installer (`updateinstall`) through `updatefiles`;
 - `statusview`: what the local API shows;
 - `listeners`: the port-80 sockets serving the activation page;
 - `clockwatch`: a step of the wall clock, so the shaper re-reads it;
@@ -46,6 +48,7 @@ from appliance.shaping import ScheduledShaper
 from appliance.startup import StartupError
 from appliance.state import StateStore
 from appliance.statusview import StatusView
+from appliance.updateagent import UpdateAgent
 from appliance.uploads import Uploads
 from appliance.version import __version__
 from gatewaycore.connguard import quiet_resource_errors
@@ -74,6 +77,7 @@ class Daemon:
         hypervisors: HypervisorAgent,
         job_link: JobLink,
         jobs: JobRunner,
+        updates: UpdateAgent,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -89,6 +93,7 @@ class Daemon:
         self.hypervisors = hypervisors
         self.job_link = job_link
         self.jobs = jobs
+        self.updates = updates
         self._stop = asyncio.Event()
 
     @classmethod
@@ -128,8 +133,10 @@ class Daemon:
                                       ca_file=None if ca_file is None else str(ca_file)))
         job_link = JobLink(url, identity, shaper)
         jobs = JobRunner(job_link, hypervisors.backup_connector)
+        updates = UpdateAgent(gateway, link.fetch_update, jobs, state_dir,
+                              settings.update_result_file)
         link_loop = LinkLoop(link, gateway, settings.link_retry_max, hypervisors.offer,
-                             jobs.offer)
+                             jobs.offer, updates.offer, updates.report)
         keys = KeyIssuer(link, gateway, wake_poll=link_loop.wake)
         return cls(
             settings=settings,
@@ -141,12 +148,14 @@ class Daemon:
             keys=keys,
             uploads=Uploads(url, identity, gateway, shaper, wake_poll=link_loop.wake),
             views=StatusView(identity, link, gateway, shaper, url,
-                             syncing=lambda: hypervisors.syncing, jobs=jobs.summary),
+                             syncing=lambda: hypervisors.syncing, jobs=jobs.summary,
+                             update=updates.view),
             listeners=Listeners(settings.listen, ActivationServer(keys.issue)),
             clock=ClockWatch(lambda _step: gateway.resync_clock("watcher")),
             hypervisors=hypervisors,
             job_link=job_link,
             jobs=jobs,
+            updates=updates,
         )
 
     def local_api(self) -> localapi.Backend:
@@ -195,6 +204,7 @@ class Daemon:
             tasks.append(asyncio.create_task(self.link_loop.run(), name="poll"))
             tasks.append(asyncio.create_task(self.clock.run(), name="clockwatch"))
             tasks.append(asyncio.create_task(self.hypervisors.run(), name="hypervisors"))
+            tasks.append(asyncio.create_task(self.updates.run(), name="updates"))
             parts.push_async_callback(self._cancel, tasks)
 
             loop = asyncio.get_running_loop()

@@ -74,6 +74,7 @@ class JobRunner:
         self._ended: dict[str, _Ended] = {}
         self._reports: dict[str, asyncio.Task[None]] = {}
         self._closed = False
+        self._held = False  # a software update waits for the running jobs: none starts
         self.peak_running = 0  # the most jobs that ran here at once (status, tests)
         self._changed = asyncio.Event()
 
@@ -105,7 +106,7 @@ class JobRunner:
                 else:
                     self._report_once(order, ABORT_MESSAGE, aborted=True)
             elif running is None and self._may_start(order.job_id):
-                if len(self._running) >= self._max:
+                if len(self._running) >= self._max or self._held:
                     continue  # waits for a free slot (view() lists it as WAITING)
                 self._start(order)
         self._changed.set()
@@ -190,7 +191,8 @@ class JobRunner:
         jobs = [job.view() for job, _ in self._running.values()]
         jobs += [{"jobId": o.job_id, "type": o.type, "state": "WAITING",
                   "vm": o.vm_name if o.type == "BACKUP" else o.restore_name,
-                  "phase": "waiting for a free slot", "bytesDone": 0, "bytesTotal": 0,
+                  "phase": "waiting for the software update" if self._held
+                  else "waiting for a free slot", "bytesDone": 0, "bytesTotal": 0,
                   "percent": 0.0, "startedAt": None, "note": None}
                  for o in self.waiting()]
         return {**self.summary(), "jobs": jobs}
@@ -198,6 +200,19 @@ class JobRunner:
     def job(self, job_id: str) -> LinkedJob | None:
         entry = self._running.get(job_id)
         return entry[0] if entry is not None else None
+
+    async def hold_until_idle(self) -> None:
+        """Start no more jobs and return once none runs: a software update restarts the
+        daemon, and a job it cut would only be given back and started again (`release`
+        undoes the hold when the update does not happen)."""
+        self._held = True
+        while self._running:
+            await self.changed()
+
+    def release(self) -> None:
+        self._held = False
+        if not self._closed:
+            self._reconcile()
 
     async def changed(self) -> None:
         """Wait until the runner next reconciles (a list arrived or a job ended)."""

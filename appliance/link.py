@@ -20,10 +20,11 @@ import aiohttp
 
 from appliance.identity import Identity
 from appliance.version import __version__
-from gatewaycore import linkproto, rules, utctime
+from gatewaycore import bundle, linkproto, maintenance, rules, utctime
 
 KEY_REQUEST_TIMEOUT = 10.0
 REPORT_TIMEOUT = 30.0  # a hypervisor test result or inventory
+UPDATE_FETCH_TIMEOUT = 600.0  # a bundle is about 200 KB; a slow link may take a while
 POLL_WAIT = 20  # seconds the control plane may hold a poll; also the heartbeat period
 
 
@@ -140,6 +141,44 @@ class TestRequest:
 
 
 @dataclass(frozen=True)
+class UpdateOffer:
+    """The poll answer's `update`: the newest published bundle above our version."""
+
+    version: str
+    sha256: str
+    size: int
+    published_at: str
+
+    @classmethod
+    def from_json(cls, doc: Any) -> UpdateOffer | None:
+        """The offer, or None when absent or unusable (a bad offer is not worth a poll)."""
+        if not isinstance(doc, dict):
+            return None
+        version, sha, size = doc.get("version"), doc.get("sha256"), doc.get("size")
+        try:
+            bundle.parse_version(version)
+        except bundle.BundleError:
+            return None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha) or (
+                type(size) is not int or not 0 < size <= bundle.MAX_PAYLOAD):
+            return None
+        published = doc.get("publishedAt")
+        return cls(version, sha, size, published if isinstance(published, str) else "")
+
+
+def _window_or_none(doc: Any) -> dict[str, int] | None:
+    """The poll answer's `maintenance` when it follows the API's ranges, else None."""
+    if doc is None:
+        return None
+    try:
+        maintenance.Window.from_api(doc)
+    except maintenance.WindowError:
+        return None
+    return {k: doc[k] for k in ("HourOfDay", "MinuteOfHour", "DayOfWeek", "DayOfMonth")
+            if doc.get(k) is not None}
+
+
+@dataclass(frozen=True)
 class PollAnswer:
     version: int
     state: str
@@ -152,6 +191,8 @@ class PollAnswer:
     tests: tuple[TestRequest, ...] = ()
     jobs: tuple[JobOrder, ...] = ()
     jobs_dropped: int = 0  # entries of `jobs` without a usable job id
+    update: UpdateOffer | None = None
+    maintenance: dict[str, int] | None = None  # the window, in the API's form
 
     @classmethod
     def from_json(cls, doc: Any) -> PollAnswer:
@@ -181,7 +222,8 @@ class PollAnswer:
         except (KeyError, TypeError):
             raise LinkError("poll answer does not follow docs/link-protocol.md") from None
         return cls(version, state, texts[0], texts[1], texts[2], intervals, update,
-                   hypervisor, requests, jobs, dropped)
+                   hypervisor, requests, jobs, dropped, UpdateOffer.from_json(doc.get("update")),
+                   _window_or_none(doc.get("maintenance")))
 
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # it goes into URL paths
@@ -363,15 +405,17 @@ class LinkClient:
             self._session = new_session()
         return self._session
 
-    async def _post(self, path: str, payload: dict[str, Any], timeout: float) -> Any:
-        body = json.dumps(payload).encode()
-        headers = signed_headers(self.identity, "POST", path, body)
+    async def _request(self, method: str, path: str, body: bytes, timeout: float
+                       ) -> tuple[int, bytes]:
+        """One signed call: (status, body) of an answer below 500; Unreachable otherwise."""
+        headers = signed_headers(self.identity, method, path, body)
         url = self.base_url + path
         try:
-            async with self._get_session().post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            async with self._get_session().request(
+                method, url, data=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
-                text = await resp.text()
+                raw = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
@@ -387,8 +431,12 @@ class LinkClient:
         self.reachable = True
         self.last_contact = utctime.format_utc()
         self.last_error = None
+        return status, raw
+
+    async def _post(self, path: str, payload: dict[str, Any], timeout: float) -> Any:
+        status, raw = await self._request("POST", path, json.dumps(payload).encode(), timeout)
         try:
-            doc = json.loads(text)
+            doc = json.loads(raw)
         except ValueError:
             raise LinkError(f"control plane answered HTTP {status} with a non-JSON body") from None
         if status != 200:
@@ -425,12 +473,28 @@ class LinkClient:
         return IssuedKey(key, str(doc.get("region") or region), expires if expires else None,
                          console_url_of(doc.get("consoleUrl")))
 
-    async def poll(self, after: int, wait: int = POLL_WAIT) -> PollAnswer:
+    async def poll(self, after: int, wait: int = POLL_WAIT,
+                   update_status: dict[str, str] | None = None) -> PollAnswer:
+        """`update_status`: the outcome of the last software update, told in every poll."""
         body: dict[str, Any] = {"after": after, "softwareVersion": __version__, "wait": wait}
         if self.seal_key is not None:
             body["sealKey"] = self.seal_key
+        if update_status is not None:
+            body["updateStatus"] = update_status
         doc = await self._post("/gateway/poll", body, wait + 15)
         return PollAnswer.from_json(doc)
+
+    async def fetch_update(self, version: str) -> bytes:
+        """`GET /gateway/update/VERSION`: a published bundle (not shaped: a download)."""
+        status, raw = await self._request("GET", f"/gateway/update/{version}", b"",
+                                          UPDATE_FETCH_TIMEOUT)
+        if status != 200:
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                doc = None
+            raise refused(status, doc)
+        return raw
 
     async def report_test(self, test_id: str, ok: bool, error_code: str | None,
                           message: str | None) -> None:

@@ -38,6 +38,7 @@ def _lapsed(exc: LinkError) -> bool:
 
 HypervisorSink = Callable[[HypervisorOrder | None, Sequence[TestRequest]], None]
 JobSink = Callable[[Sequence[JobOrder]], None]
+UpdateSink = Callable[[PollAnswer], None]
 
 
 class LinkLoop:
@@ -50,15 +51,20 @@ class LinkLoop:
         retry_max: float,
         hypervisors: HypervisorSink | None = None,
         jobs: JobSink | None = None,
+        updates: UpdateSink | None = None,
+        update_status: Callable[[], dict[str, str] | None] = lambda: None,
     ) -> None:
         """`hypervisors` is handed each answer's hypervisor part (the hypervisor agent),
         `jobs` each activated answer's job list (the job runner; an empty list once the
-        gateway is deleted, so its jobs stop)."""
+        gateway is deleted, so its jobs stop), `updates` each answer (the update agent:
+        the offer, the window), and every poll tells `update_status()`."""
         self._link = link
         self._gateway = gateway
         self._retry_max = retry_max
         self._hypervisors = hypervisors
         self._jobs = jobs
+        self._updates = updates
+        self._update_status = update_status
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -81,7 +87,8 @@ class LinkLoop:
                 continue
             try:
                 answer = await self._link.poll(
-                    after=st.config_version, wait=0 if quick else POLL_WAIT
+                    after=st.config_version, wait=0 if quick else POLL_WAIT,
+                    update_status=self._update_status(),
                 )
             except LinkError as exc:
                 if _lapsed(exc) and not st.activated:
@@ -105,6 +112,8 @@ class LinkLoop:
                 if self._hypervisors is not None and answer.state != "deleted":
                     self._hypervisors(answer.hypervisor, answer.tests)
                 self._offer_jobs(answer)
+                if self._updates is not None:
+                    self._updates(answer)
             except OSError as exc:  # e.g. a full disk: keep the old state, retry the poll
                 delay = backoff.next_delay()
                 log.error("event=state_write_failed delay=%.1f reason=%s", delay, str(exc))

@@ -47,6 +47,14 @@ class State:
     software_update_request: int = 0
     software_update_requested_at: str | None = None
     schedule: list[dict[str, Any]] = field(default_factory=list)
+    # Software updates (appliance/updateagent.py): the request last acted on, the offer and
+    # the maintenance window of the last poll, the installer's last result (reported in
+    # every poll) and a version that failed here (not tried again in a window).
+    update_request_handled: int = 0
+    update_offer: dict[str, Any] | None = None
+    maintenance: dict[str, Any] | None = None
+    update_result: dict[str, Any] | None = None
+    update_failed_version: str | None = None
     # The associated hypervisor (appliance/hypervisoragent.py). The password stays the sealed
     # box received from the control plane: only the sealing key beside this file opens it.
     hypervisor_arn: str | None = None

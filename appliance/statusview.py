@@ -30,6 +30,7 @@ class StatusView:
         control_plane_url: str,
         syncing: Callable[[], bool] = lambda: False,
         jobs: Callable[[], dict[str, int]] | None = None,
+        update: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._identity = identity
         self._link = link
@@ -38,6 +39,7 @@ class StatusView:
         self._url = control_plane_url
         self._syncing = syncing
         self._jobs = jobs
+        self._update = update
 
     def status(self) -> dict[str, Any]:
         st = self._gateway.state
@@ -56,6 +58,7 @@ class StatusView:
             "softwareUpdate": {
                 "requests": st.software_update_request,
                 "lastRequestedAt": st.software_update_requested_at,
+                **(self._update() if self._update is not None else {}),
             },
             "controlPlane": {
                 "url": self._url,

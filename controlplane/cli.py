@@ -1,6 +1,7 @@
-"""`python -m controlplane serve|env|rebuild-vaults|console-password`: run the control
-plane, print its credentials for eval, rebuild its vaults' rows from their storage
-(vaultrebuild.py), or set the web console's password (webconsole/auth.py)."""
+"""`python -m controlplane serve|env|rebuild-vaults|console-password|publish-update`: run
+the control plane, print its credentials for eval, rebuild its vaults' rows from their
+storage (vaultrebuild.py), set the web console's password (webconsole/auth.py), or publish
+a software update bundle to its gateways (updates.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import ssl
 import sys
 from pathlib import Path
 
-from controlplane import credentials, vaultrebuild, vaultsettings
+from controlplane import credentials, updates, vaultrebuild, vaultsettings
 from controlplane.server import ControlPlane, tls_context
+from controlplane.updates import UpdateShelf
 from controlplane.webconsole import auth as webauth
 from gatewaycore import logfmt, rules
 
@@ -60,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     password = sub.add_parser(
         "console-password", help="set the web console's password (read from the terminal, "
         "or one line of standard input); the console then accepts it at once")
-    for p in (serve, env, rebuild, password):
+    publish = sub.add_parser(
+        "publish-update", help="publish a software update bundle (make release); a running "
+        "control plane offers it to older gateways at their next poll")
+    publish.add_argument("bundle", type=Path, metavar="BUNDLE",
+                         help="the .bundle file (build/backup-gateway-VERSION.bundle)")
+    for p in (serve, env, rebuild, password, publish):
         p.add_argument("--state-dir", type=Path, default=None,
                        help="state directory (default /var/lib/controlplane as root, "
                        "./controlplane-state otherwise)")
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return _rebuild(state_dir, args.vault_store, args.vault)
     if args.command == "console-password":
         return _console_password(state_dir)
+    if args.command == "publish-update":
+        return _publish(state_dir, args.bundle)
     creds_file: Path = args.credentials_file or state_dir / credentials.FILE_NAME
     if args.command == "env":
         return _env(state_dir, creds_file)
@@ -186,6 +195,19 @@ def _rebuild(state_dir: Path, settings_file: Path | None, vault: str | None) -> 
         print(f"no vaults in the vault store ({settings.describe()})")
     trouble = any(r.damaged or r.vault == "skipped" for r in reports)
     return 1 if trouble else 0
+
+
+def _publish(state_dir: Path, source: Path) -> int:
+    """One line: what was published (or that it already was); 2 when refused."""
+    try:
+        published, new = UpdateShelf(state_dir / updates.FOLDER).publish(source)
+    except (updates.PublishError, OSError) as exc:
+        print(f"controlplane: publish-update: {exc}", file=sys.stderr)
+        return 2
+    release = published.release
+    print(f"{'published' if new else 'already published'}: version {release.version}, "
+          f"{release.size} bytes, sha256 {release.sha256}")
+    return 0
 
 
 def _console_password(state_dir: Path) -> int:

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from controlplane.atrest import SecretDecryptError, SecretsAtRest
@@ -52,6 +53,7 @@ from controlplane.store import (
     vm_arn,
 )
 from controlplane.throttle import RegistrationThrottle
+from controlplane.updates import UpdateShelf
 from gatewaycore import linkproto, rules, sealed
 from gatewaycore.utctime import format_utc
 
@@ -74,6 +76,9 @@ MAX_MESSAGE = 1024
 MAX_VMS = 10_000
 MAX_VM_TAGS = 50
 _TEST_ID = re.compile(r"[0-9a-f]{32}")
+_UTC_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+# What a gateway reports of its last software update (docs/updates.md).
+UPDATE_OUTCOMES = ("installed", "rolled_back", "refused", "failed")
 _VM_UUID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: a UUID, a moref...
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -138,12 +143,18 @@ class LinkOps:
         tests: PendingTests | None = None,
         jobs: Callable[[str], list[dict[str, Any]]] = lambda gateway_id: [],
         on_poll: Callable[[Identity], None] = lambda identity: None,
+        updates: UpdateShelf | None = None,
     ) -> None:
         """`secrets_at_rest` and `tests` are shared with the API (operations.py): the
         passwords it stored, the tests it is waiting on. `jobs(gateway_id)` is the poll's
         "jobs" (joblink.py) and `on_poll` runs after each poll's heartbeat (the job
-        scheduler: a gateway just heard from may take jobs, docs/backups.md)."""
+        scheduler: a gateway just heard from may take jobs, docs/backups.md). `updates`:
+        the published update bundles (updates.py), offered in the poll's `update`."""
         self.jobs = jobs
+        self.updates = updates
+        # key id -> the last software update outcome the gateway reported (every poll
+        # carries it, so memory is enough: it is back after a restart at the next poll)
+        self.update_reports: dict[str, dict[str, str]] = {}
         self.on_poll = on_poll
         # The web console's URL, asked at each key (server.py sets it): sent with the key,
         # so the gateway's port-80 redirect lands on this console (docs/webconsole.md).
@@ -311,7 +322,7 @@ class LinkOps:
 
     async def poll(
         self, identity: Identity, after: Any, wait: Any, software_version: Any,
-        seal_key: Any = None,
+        seal_key: Any = None, update_status: Any = None,
     ) -> dict[str, Any]:
         """The gateway's state once its version is past `after`, or after `wait` seconds
         (or at shutdown): the long-poll that tells a gateway of a change at once.
@@ -339,6 +350,8 @@ class LinkOps:
             # Every poll carries the key; only a new one is a write (and a version bump).
             if raw != identity.seal_key and self.store.set_seal_key(identity.key_id, raw):
                 log.info("event=seal_key_recorded key_id=%s", identity.key_id)
+        if update_status is not None:
+            self._update_reported(identity.key_id, update_status)
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
         self.on_poll(identity)
         loop = asyncio.get_running_loop()
@@ -352,7 +365,7 @@ class LinkOps:
                 if current.version > after or remaining <= 0 or self.hub.closing:
                     # A change whose fsync is still running is not told before it is
                     # durable: no answer leaves before that (walsync.durable_answers).
-                    return self.poll_state(current)
+                    return self.poll_state(current, software_version)
                 log.debug("event=poll_wait key_id=%s after=%d wait=%.1f",
                           identity.key_id, after, remaining)
                 with contextlib.suppress(TimeoutError):
@@ -360,8 +373,55 @@ class LinkOps:
             finally:
                 self.hub.discard(identity.key_id, changed)
 
-    def poll_state(self, identity: Identity) -> dict[str, Any]:
-        """What a poll answers: the configuration the gateway must apply, and its version."""
+    def _update_reported(self, key_id: str, doc: Any) -> None:
+        """Keep (and log once) the outcome of the gateway's last software update."""
+        if not isinstance(doc, dict):
+            raise invalid("updateStatus", "must be an object {outcome, version, message, at}")
+        outcome = doc.get("outcome")
+        if outcome not in UPDATE_OUTCOMES:
+            raise invalid("updateStatus.outcome",
+                          f"must be one of {', '.join(UPDATE_OUTCOMES)}, got {outcome!r}")
+        try:
+            version = rules.software_version(doc.get("version"), "updateStatus.version")
+        except rules.RuleError as err:
+            raise _rule_refused(err) from None
+        message, at = doc.get("message") or "", doc.get("at")
+        if not isinstance(message, str) or len(message) > MAX_MESSAGE:
+            raise invalid("updateStatus.message", f"must be text of at most {MAX_MESSAGE} "
+                          "characters")
+        if not isinstance(at, str) or not _UTC_TIME.fullmatch(at):
+            raise invalid("updateStatus.at", "must be a UTC time like 2026-11-27T03:00:00Z")
+        report = {"outcome": outcome, "version": version,
+                  "message": _CONTROL.sub(" ", message), "at": at}
+        if self.update_reports.get(key_id) != report:
+            self.update_reports[key_id] = report
+            log.info("event=gateway_update_reported key_id=%s outcome=%s version=%s at=%s "
+                     "message=%s", key_id, outcome, version, at, report["message"])
+
+    def update_bundle(self, identity: Identity, version: str) -> Path:
+        """The file of a published bundle, for a gateway that is not deleted."""
+        if identity.deleted:
+            raise LinkError(410, "GatewayDeleted", "this gateway was deleted")
+        path = self.updates.path_of(version) if self.updates else None
+        if path is None:
+            raise LinkError(404, "UnknownUpdate", f"version: no bundle of {version!r} is "
+                            "published")
+        return path
+
+    def _update_offer(self, installed: str | None) -> dict[str, Any] | None:
+        published = self.updates.offer_for(installed) if self.updates else None
+        if published is None:
+            return None
+        release = published.release
+        return {"version": release.version, "sha256": release.sha256, "size": release.size,
+                "publishedAt": format_utc(published.published_at)}
+
+    def poll_state(self, identity: Identity, software_version: str | None = None
+                   ) -> dict[str, Any]:
+        """What a poll answers: the configuration the gateway must apply, and its version.
+
+        `update` is the newest published bundle above the version the gateway runs (the
+        one its poll names, else the last one recorded), with its maintenance window."""
         key_id = identity.key_id
         gateway = self.store.gateway_by_id(identity.gateway_id) if identity.gateway_id else None
         state = "deleted" if identity.deleted else "activated" if gateway else "pending"
@@ -377,6 +437,9 @@ class LinkOps:
             "region": gateway.region if gateway else None,
             "bandwidthRateLimitIntervals": gateway.schedule if gateway else [],
             "softwareUpdateRequest": gateway.software_update_request if gateway else 0,
+            "update": self._update_offer(software_version or identity.software_version)
+            if live else None,
+            "maintenance": gateway.maintenance if live and gateway is not None else None,
             "hypervisor": self._hypervisor_view(identity, hypervisor) if hypervisor else None,
             "tests": [
                 {"testId": t.test_id, "host": t.host, "username": t.username,

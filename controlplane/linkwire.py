@@ -50,6 +50,7 @@ class LinkWire:
             web.post("/gateway/poll", self._wrap(self.poll)),
             web.post("/gateway/hypervisor/test-result", self._wrap(self.test_result)),
             web.post("/gateway/hypervisor/inventory", self._wrap(self.inventory)),
+            web.get("/gateway/update/{version}", self._wrap(self.update_bundle)),
             web.put("/gateway/data/{name}", self._wrap(self.upload),
                     expect_handler=self._upload_expect),
         ]
@@ -194,8 +195,18 @@ class LinkWire:
             wait=payload.get("wait", MAX_WAIT_SECONDS),
             software_version=payload.get("softwareVersion"),
             seal_key=payload.get("sealKey"),
+            update_status=payload.get("updateStatus"),
         )
         return web.json_response(answer)
+
+    # -- GET /gateway/update/{version} ----------------------------------------------------
+
+    async def update_bundle(self, request: web.Request) -> web.StreamResponse:
+        """A published update bundle, streamed from its file (docs/updates.md)."""
+        identity, declared = self.signed_by(request)
+        self._check_body_hash(declared, await read_at_most(request, MAX_JSON_BODY))
+        path = self.ops.update_bundle(identity, request.match_info["version"])
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     # -- POST /gateway/hypervisor/test-result and /inventory ------------------------------
 

@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from controlplane.atrest import SecretDecryptError, SecretsAtRest
@@ -36,7 +37,9 @@ from controlplane.store import (
     partition_of,
     state_of,
 )
+from controlplane.updates import UpdateShelf
 from gatewaycore import rules
+from gatewaycore.maintenance import Window
 from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger("controlplane.api")
@@ -123,6 +126,7 @@ class BackupGatewayApi:
         secrets_at_rest: SecretsAtRest | None = None,
         tests: PendingTests | None = None,
         test_timeout: float = TEST_TIMEOUT_SECONDS,
+        updates: UpdateShelf | None = None,
     ) -> None:
         """`secrets_at_rest` encrypts the hypervisor passwords (an in-memory key when not
         given: nothing then survives a restart); `tests` is the registry the gateway link
@@ -133,6 +137,7 @@ class BackupGatewayApi:
         self.secrets = secrets_at_rest or SecretsAtRest.ephemeral()
         self.tests = tests or PendingTests()
         self.test_timeout = test_timeout
+        self.updates = updates  # the published update bundles (NextUpdateAvailabilityTime)
         self.account = store.account_id()
         self.operations: dict[
             str, Callable[[Caller, dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
@@ -285,9 +290,22 @@ class BackupGatewayApi:
             details["VpcEndpoint"] = gateway.vpc_endpoint
         if gateway.software_version:
             details["SoftwareVersion"] = model_version(gateway.software_version)
+        offered = self.updates.offer_for(gateway.software_version) if self.updates else None
+        if offered is not None:
+            details["NextUpdateAvailabilityTime"] = self._update_time(
+                offered.published_at, gateway.maintenance)
         if gateway.hypervisor_id:
             details["HypervisorId"] = gateway.hypervisor_id
         return {"Gateway": details}
+
+    def _update_time(self, published_at: float, window: dict[str, int] | None) -> float:
+        """When a published update reaches the gateway: its next maintenance window (it
+        installs then, docs/updates.md), or the publication when it has none (it is
+        available from then, installed on UpdateGatewaySoftwareNow)."""
+        if not window:
+            return published_at
+        now = datetime.fromtimestamp(max(self.clock.now(), published_at), UTC)
+        return Window.from_api(window).next_start(now).timestamp()
 
     def list_gateways(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         limit = min(body.get("MaxResults") or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -429,7 +447,11 @@ class BackupGatewayApi:
             for k in ("HourOfDay", "MinuteOfHour", "DayOfWeek", "DayOfMonth")
             if body.get(k) is not None
         }
-        self.store.update_gateway(gateway.arn, bump=False, maintenance=maintenance)
+        if self.store.update_gateway(gateway.arn, maintenance=maintenance) is None:
+            raise not_found(f"Gateway {gateway.arn} was not found")
+        log.info("event=maintenance_set arn=%s window=%s", gateway.arn,
+                 Window.from_api(maintenance).describe())
+        self._changed(gateway)  # the gateway installs updates in this window: tell it now
         return {"GatewayArn": gateway.arn}
 
 

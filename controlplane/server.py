@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from controlplane import atrest, credentials, gcpolicy
+from controlplane import atrest, credentials, gcpolicy, updates
 from controlplane.backupops import BackupApi
 from controlplane.backupstore import BackupStore
 from controlplane.blobstore import BlobStore
@@ -43,6 +43,7 @@ from controlplane.protocol import CONTENT_TYPE, JsonApi, error_body
 from controlplane.restjson import RestJsonApi
 from controlplane.store import DB_FILE, Store
 from controlplane.throttle import Throttle
+from controlplane.updates import UpdateShelf
 from controlplane.validation import compile_pattern
 from controlplane.vaults import Vaults
 from controlplane.vaultsettings import VAULTS_DIR, VaultStoreSettings
@@ -359,16 +360,21 @@ class ControlPlane:
         self.vaults.reconcile()  # what a crash left in the vaults, before any request
         self.backups = BackupStore(self.store, self.hub.notify)
         self.scheduler = JobScheduler(self.backups, self.vaults, self.clock, job_timings)
+        # Published software update bundles (docs/updates.md): offered in polls, fetched
+        # over the link, shown as GetGateway's NextUpdateAvailabilityTime.
+        self.updates = UpdateShelf(state_dir / updates.FOLDER)
         self.api = BackupGatewayApi(self.store, self.clock, self._gateway_changed,
                                     secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
-                                    test_timeout=hypervisor_test_timeout)
+                                    test_timeout=hypervisor_test_timeout,
+                                    updates=self.updates)
         self.job_ops = JobOps(self.store, self.backups, self.vaults, self.scheduler,
                               self.clock)
         self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock,
                                 secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
                                 jobs=self.job_ops.poll_jobs,
                                 on_poll=lambda identity: self.scheduler.polled(
-                                    identity.gateway_id))
+                                    identity.gateway_id),
+                                updates=self.updates)
         self.link_ops.housekeep()
         self.link = LinkWire(self.link_ops)
         self.job_link = JobLink(self.link, self.job_ops)

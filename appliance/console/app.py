@@ -91,10 +91,36 @@ def jobs_header_line(jobs: Any) -> str:
     return f"Jobs: {running} running, {waiting} waiting"
 
 
+def update_lines(update: Any) -> list[str]:
+    """The header's software update lines: an update available (and when it installs),
+    an install under way, and the last update's outcome when it was not a success."""
+    if not isinstance(update, dict):
+        return []
+    lines = []
+    available = update.get("available")
+    window, due = update.get("maintenanceWindow"), update.get("nextWindow")
+    if update.get("phase"):
+        lines.append(f"Software update: {update['phase']}")
+    elif isinstance(available, dict):
+        when = f"installs {due} (window: {window})" if due else \
+            "installs on UpdateGatewaySoftwareNow (no maintenance window)"
+        lines.append(f"Software update {available.get('version')} available; {when}")
+    elif window:
+        lines.append(f"Maintenance window: {window}")
+    last = update.get("lastResult")
+    if isinstance(last, dict) and last.get("outcome") != "installed":
+        outcome = str(last.get("outcome", "")).replace("_", " ")
+        lines.append(f"Last update {last.get('version')} {outcome} at {last.get('at')}:")
+        lines.append(f"  {last.get('message')}")
+    return lines
+
+
 def header_lines(ctx: Context) -> list[str]:
     status, reason = ctx.status()
     version = (status or {}).get("softwareVersion") or __version__
     lines = [TITLE, f"Software version {version}"]
+    if status is not None:
+        lines += update_lines(status.get("softwareUpdate"))
     if status is None:
         lines.append(f"Gateway daemon: not reachable ({reason})")
     elif status.get("deleted"):
@@ -179,12 +205,32 @@ def _dispatch(ctx: Context, choice: str) -> None:
         hypervisor.run(ctx)
 
 
+def banner_lines() -> list[str]:
+    """What the screen and the serial port show before anyone logs in, as a hardware (or AWS)
+    appliance's console does: the version, the adapters' addresses and where to get an
+    activation key, so a user who deployed the OVA reads the address off the VM's console.
+    The consoles start once the daemon serves (their getty drop-ins), so this is its ready
+    banner; Ctrl-L at the login prompt draws it again with the addresses of that moment."""
+    lines = [TITLE, f"Software version {__version__}", "", "Network adapters:"]
+    adapters = netinfo.list_adapters()
+    for adapter in adapters:
+        lines.append(f"  {adapter.name}: {', '.join(adapter.addresses) or 'no address'}")
+    if not adapters:
+        lines.append("  none")
+    ipv4 = next((str(a.ip) for ad in adapters for a in ad.ipv4), None)
+    if ipv4:
+        lines.append(f"Activation key: http://{ipv4}/?activationRegion=REGION"
+                     "&gatewayType=BACKUP_VM&no_redirect")
+    lines += ["Log in to change the network, the time and the other settings.", ""]
+    return lines
+
+
 def login(ctx: Context, throttle: Throttle) -> bool:
     """One login attempt; True when the user is in (with a non-default password)."""
     term = ctx.term
     term.clear()
-    term.say(TITLE)
-    term.say("")
+    for line in banner_lines():
+        term.say(line)
     try:
         user = term.ask("login: ").strip()
         password = term.ask("Password: ", password=True)

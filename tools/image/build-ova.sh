@@ -44,6 +44,10 @@ else
     (cd "$repo" && find gatewaycore appliance -type f -not -name '*.pyc' -print0 | xargs -0 cp --parents -t "$stage/src")
 fi
 cp "$here/guest/guestconfig.py" "$stage/guest/"
+# The release key the image trusts (docs/updates.md): the development key, made once in
+# build/release/ and kept (bundles signed with it install on every image built with it).
+(cd "$repo" && "$python" -m tools.release keygen)
+cp "$repo/build/release/release-key.pub" "$stage/release-key.pub"
 cp -r "$here/overlay" "$stage/overlay"
 cp -r "$repo/systemd" "$stage/systemd"
 tar -C "$stage" -cf "$stage.tar" .

@@ -18,13 +18,16 @@ ln -sfn "$version" /opt/appliance/current
 echo /opt/appliance/current >/usr/lib/python3/dist-packages/backup-gateway-appliance.pth
 
 install -D -m 0755 "$stage/guest/guestconfig.py" /usr/lib/appliance-image/guestconfig.py
+# The release key's public half: the update installer accepts only bundles it signed.
+install -D -m 0644 "$stage/release-key.pub" /usr/share/appliance/release-key.pub
 cp -r "$stage/overlay/." /
 chown -R root:root /etc/appliance /etc/initramfs-tools
 # the overlay's initramfs settings: only the root disk's drivers (docs/image.md, "Boot")
 update-initramfs -u -k all
 
-# The units: the daemon, the boot-time settings, the console on tty1 and ttyS0.
-install -m 0644 "$stage"/systemd/*.service /etc/systemd/system/
+# The units: the daemon, the boot-time settings, the update installer and its trigger, the
+# console on tty1 and ttyS0.
+install -m 0644 "$stage"/systemd/*.service "$stage"/systemd/*.path /etc/systemd/system/
 install -m 0644 "$stage"/systemd/sysusers.d/*.conf /usr/lib/sysusers.d/
 for dropin in "$stage"/systemd/*.service.d; do
     install -d "/etc/systemd/system/$(basename "$dropin")"
@@ -34,7 +37,8 @@ install -m 0644 "$stage"/systemd/network/*.network /etc/systemd/network/
 systemd-sysusers
 systemctl daemon-reload
 systemctl enable appliance-guestconfig.service appliance.service systemd-timesyncd.service \
-    systemd-networkd.service systemd-resolved.service
+    systemd-networkd.service systemd-resolved.service appliance-update.path \
+    appliance-update.service
 # Units the appliance never needs, whose kernel modules the image leaves out
 # (dpkg-excludes.txt): binfmt_misc (foreign executable formats).
 systemctl mask systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
