@@ -32,12 +32,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
 
+from gatewaycore import bundle
 from tests.conftest import REPO, Proc, child_env, free_port
 
 pytestmark = pytest.mark.slow
@@ -249,7 +251,10 @@ def test_two_commands_section_as_printed(
     the demo hypervisor reached directly in place of the VM's relay)."""
     need_root()
     cp, app = control_plane, appliance
-    first, flow, schedule, hypervisor, backup = section_blocks("Two commands")
+    first, flow, schedule, hypervisor, backup, update = section_blocks("Two commands")
+    # `make run` has built the OVA, which made the release key the bundle is signed with
+    subprocess.run([sys.executable, "-m", "tools.release", "keygen"], cwd=REPO, check=True,
+                   capture_output=True, timeout=60)
     for command in commands(first):
         target = re.fullmatch(r"make (\S+)", command)
         assert target, command
@@ -264,10 +269,14 @@ def test_two_commands_section_as_printed(
                    **demo_hypervisor_values("10.0.2.101:16509", demo_dir)}, aws_env())
     key = arn = rate = None
     hypervisor_commands = commands(hypervisor) + commands(backup)
-    for command in commands(flow) + commands(schedule) + hypervisor_commands:
+    update_commands = commands(update)
+    for command in commands(flow) + commands(schedule) + hypervisor_commands + update_commands:
         if command in hypervisor_commands and (
                 run_backup_command(shell, command, wait_until, demo_dir)
                 or run_hypervisor_command(shell, command, arn, wait_until)):
+            continue
+        if command in update_commands:
+            run_update_command(shell, command, app, wait_until)
             continue
         if re.match(r"eval |[A-Za-z_]+=", command):
             shell.keep(command)
@@ -301,6 +310,34 @@ def test_two_commands_section_as_printed(
             raise AssertionError(f"a README command this test does not check: {command}")
     assert arn is not None and rate is not None, "the README lost its activation or schedule"
     assert shell.used == set(shell.values), shell.used
+
+
+def run_update_command(shell: Shell, command: str, app: Any,
+                       wait_until: Callable[..., Any]) -> None:
+    """The update block: sign, publish, set a window, ask for the update now, look. Here
+    the daemon downloads and checks the bundle and leaves it as its request; the root
+    installer that takes it from there runs in the image (tests/vm/test_updates_vm.py)."""
+    out = shell.run(command)
+    if "tools.release bundle" in command:
+        assert "version 0.1.1" in out, out
+    elif "publish-update" in command:
+        assert re.match(r"(already )?published: version 0\.1\.1,", out), out
+    elif "update-gateway-software-now" in command:
+        request = Path(app.state_dir) / "updates" / "request.bundle"
+        wait_until(request.exists, 30, "the daemon's install request")
+        public = (REPO / "build" / "release" / "release-key.pub").read_bytes()
+        assert bundle.verify(request, public).version == "0.1.1"
+    elif "get-gateway" in command:
+        gateway = json.loads(out)["Gateway"]
+        assert gateway["SoftwareVersion"] == "0-1-0"  # the installer runs in the VM only
+        assert gateway["MaintenanceStartTime"] == {"HourOfDay": 3, "MinuteOfHour": 30,
+                                                   "DayOfWeek": 0}
+        shown = gateway["NextUpdateAvailabilityTime"]  # the CLI prints ISO 8601 or epoch
+        when = (datetime.fromtimestamp(shown, UTC) if isinstance(shown, int | float)
+                else datetime.fromisoformat(shown).astimezone(UTC))
+        assert (when.weekday(), when.hour, when.minute) == (6, 3, 30), when  # a Sunday
+    elif "put-maintenance-start-time" not in command:
+        raise AssertionError(f"a README update command this test does not check: {command}")
 
 
 @pytest.fixture
