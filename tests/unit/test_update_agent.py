@@ -18,7 +18,7 @@ import pytest
 from appliance import updateagent, updatefiles
 from appliance.gatewaystate import GatewayState
 from appliance.jobrunner import JobRunner
-from appliance.link import PollAnswer, UpdateOffer
+from appliance.link import JobOrder, PollAnswer, UpdateOffer
 from appliance.shaping import ScheduledShaper
 from appliance.state import StateStore
 from gatewaycore import bundle
@@ -130,3 +130,43 @@ async def test_a_version_that_failed_here_waits_for_a_request(
     assert gateway.state.update_request_handled == 1
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.timeout(20)
+async def test_the_runner_holds_new_jobs_and_waits_for_running_ones() -> None:
+    """While an update waits, no job starts and the hold ends only when the running job
+    has ended; released, the waiting job starts (nothing listed is lost)."""
+    runner = JobRunner(None, None)  # type: ignore[arg-type]
+    started: list[str] = []
+    runner._start = lambda order: started.append(order.job_id)  # type: ignore[method-assign]
+    running_job = asyncio.Event()
+
+    async def job() -> str:
+        await running_job.wait()
+        return "COMPLETED"
+
+    class Job:  # what the runner reads of a running job
+        job_id, type, outcome, reported, bytes_done, message = "j0", "BACKUP", "COMPLETED", \
+            True, 0, ""
+
+        def stop(self, aborted: bool) -> bool:
+            raise AssertionError("a listed running job is never stopped by the hold")
+
+        def view(self) -> dict[str, Any]:
+            return {"jobId": self.job_id, "phase": "reading disks"}
+
+    task = asyncio.create_task(job())
+    runner._running["j0"] = (Job(), task)  # type: ignore[assignment]
+    task.add_done_callback(lambda t: runner._on_end(Job(), t))  # type: ignore[arg-type]
+    hold = asyncio.create_task(runner.hold_until_idle())
+    await asyncio.sleep(0.05)
+    runner.offer([JobOrder(j, "BACKUP", "RUNNING", "arn", vm_uuid=j, vm_name=j)
+                  for j in ("j0", "j1")])
+    await asyncio.sleep(0.05)
+    assert not hold.done() and started == []
+    assert runner.view()["jobs"][-1]["phase"] == "waiting for the software update"
+    running_job.set()
+    await asyncio.wait_for(hold, 5)
+    assert started == []  # still held: the update goes on
+    runner.release()
+    assert started == ["j1"]
