@@ -279,10 +279,15 @@ class Pages(PageSet):
         summary = render(
             '<dl class="details"><dt>Name</dt><dd id="gw-name">{}</dd><dt>ARN</dt>'
             '<dd class="arn">{}</dd><dt>Status</dt><dd>{}</dd><dt>Last seen</dt><dd>{}</dd>'
-            "<dt>Software version</dt><dd>{}</dd><dt>Bandwidth schedule</dt>"
+            "<dt>Software version</dt><dd>{}</dd><dt>Software update</dt><dd>{}</dd>"
+            "<dt>Bandwidth schedule</dt>"
             '<dd><a href="{}/gateway/schedule?arn={}">View and edit the schedule</a></dd></dl>',
             gw["GatewayDisplayName"], arn, status_of(last_seen, time.time()), when(last_seen),
-            gw.get("SoftwareVersion") or "-", PREFIX, quoted(arn))
+            gw.get("SoftwareVersion") or "-",
+            # docs/updates.md: the next window, or the publication when there is none
+            render("a newer version installs from {}", when(gw["NextUpdateAvailabilityTime"]))
+            if gw.get("NextUpdateAvailabilityTime") else "up to date",
+            PREFIX, quoted(arn))
         rename = join([
             Markup('<form method="post" action="/console/gateway/rename" class="card" '
                    'id="rename-form"><h2>Edit name</h2>'), csrf, hidden("arn", arn),

@@ -312,3 +312,27 @@ async def test_jobs_pages_without_vms_and_the_live_feed(client: TestClient) -> N
     assert await resp.json() == {"jobs": [], "active": False}
     text = await (await client.get("/console/recovery-points")).text()
     assert "Show recovery points" in text
+
+
+async def test_the_gateway_page_shows_a_published_update(
+        client: TestClient, plane: ControlPlane, tmp_path: Path) -> None:
+    """A gateway at 0.1.0 with 0.2.0 published: the page says when it installs (the next
+    maintenance window, docs/updates.md); once it runs 0.2.0, that it is up to date."""
+    from gatewaycore import bundle
+
+    arn = new_gateway(plane, "gw")
+    await sign_in(client)
+    page = f"/console/gateway?arn={arn}"
+    assert "<dd>up to date</dd>" in await (await client.get(page)).text()
+    private, _ = bundle.new_key()
+    source = tmp_path / "u.bundle"
+    source.write_bytes(bundle.build([("appliance/version.py", b'__version__ = "0"\n')],
+                                    "0.2.0", private, "t"))
+    plane.updates.publish(source)
+    text = await (await client.get(page)).text()
+    assert "a newer version installs from <time" in text
+    gateway = plane.store.gateway(arn)
+    assert gateway is not None
+    plane.store.heartbeat(gateway.key_id, "0.2.0", 1.0)
+    plane.store.flush_heartbeats()
+    assert "<dd>up to date</dd>" in await (await client.get(page)).text()
