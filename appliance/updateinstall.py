@@ -168,7 +168,8 @@ class Installer:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             bundle.extract(self.paths.bundle, release, staging)
-            if not compileall.compile_dir(str(staging), quiet=1):
+            # ddir: tracebacks name the final folder, not the staging one
+            if not compileall.compile_dir(str(staging), quiet=1, ddir=str(target)):
                 raise bundle.BundleError("its Python code does not compile")
             os.sync()
             shutil.rmtree(target, ignore_errors=True)
