@@ -183,20 +183,7 @@ def test_identity_and_activation_survive_a_reboot(
     before = bios_guest.status()
     assert before["keyId"] == bios_identity.key_id
     assert before["activated"] is True and before["gatewayArn"] == bios_activation.arn
-    first_boot = bios_guest.qga.sh("cat /proc/sys/kernel/random/boot_id").strip()
-    bios_guest.qga.sh("systemd-run --on-active=1 systemctl reboot")
-    bios_guest.qga.close()
-
-    def new_boot() -> bool:
-        try:
-            bios_guest.qga.sync(timeout=10)
-            boot_id = bios_guest.qga.sh("cat /proc/sys/kernel/random/boot_id").strip()
-        except (AssertionError, OSError):
-            bios_guest.qga.close()
-            return False
-        return boot_id != first_boot
-
-    poll(new_boot, 240, "the guest to come back from the reboot", interval=1)
+    bios_guest.reboot(240)
     after = poll(lambda: _status_or_none(bios_guest), 120, "the daemon after the reboot")
     assert after["keyId"] == before["keyId"]
     assert after["activated"] is True and after["gatewayArn"] == bios_activation.arn

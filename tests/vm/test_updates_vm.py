@@ -117,19 +117,7 @@ def test_update_refused_rolled_back_installed_and_kept_after_a_reboot(
         assert "Result=success" in unit, unit
 
         # ... and still after a reboot
-        boot = guest.qga.sh("cat /proc/sys/kernel/random/boot_id").strip()
-        guest.qga.sh("systemd-run --on-active=1 systemctl reboot")
-        guest.qga.close()
-
-        def rebooted() -> bool:
-            try:
-                guest.qga.sync(timeout=10)
-                return guest.qga.sh("cat /proc/sys/kernel/random/boot_id").strip() != boot
-            except (AssertionError, OSError):
-                guest.qga.close()
-                return False
-
-        poll(rebooted, 240, "the reboot", interval=1)
+        guest.reboot(240)
         after = poll(lambda: status_or_none(guest), 180, "the daemon after the reboot")
         assert after["softwareVersion"] == good
         assert guest.qga.sh("readlink /opt/appliance/current").strip() == good

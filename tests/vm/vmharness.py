@@ -228,6 +228,24 @@ class Guest:
         """The daemon's own report (`python3 -m appliance status --json`, run in the guest)."""
         return json.loads(self.qga.sh("python3 -m appliance status --json"))
 
+    def reboot(self, timeout: float = 240.0) -> None:
+        """Reboot from inside (systemctl) and return once the guest agent answers from the
+        new boot (a new boot_id); the daemon may not be up yet."""
+        first_boot = self.qga.sh("cat /proc/sys/kernel/random/boot_id").strip()
+        self.qga.sh("systemd-run --on-active=1 systemctl reboot")
+        self.qga.close()
+
+        def new_boot() -> bool:
+            try:
+                self.qga.sync(timeout=10)
+                boot_id = self.qga.sh("cat /proc/sys/kernel/random/boot_id").strip()
+            except (AssertionError, OSError):
+                self.qga.close()
+                return False
+            return boot_id != first_boot
+
+        poll(new_boot, timeout, f"{self.name} to come back from the reboot", interval=1)
+
     def stop(self) -> None:
         self.qga.close()
         terminate(self.proc)
