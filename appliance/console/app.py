@@ -92,8 +92,9 @@ def jobs_header_line(jobs: Any) -> str:
 
 
 def update_lines(update: Any) -> list[str]:
-    """The header's software update lines: an update available (and when it installs),
-    an install under way, and the last update's outcome when it was not a success."""
+    """The header's software update lines (each under 80 columns): an update available
+    and when it installs, an install under way, the last update's outcome when it was not
+    a success."""
     if not isinstance(update, dict):
         return []
     lines = []
@@ -102,9 +103,9 @@ def update_lines(update: Any) -> list[str]:
     if update.get("phase"):
         lines.append(f"Software update: {update['phase']}")
     elif isinstance(available, dict):
-        when = f"installs {due} (window: {window})" if due else \
-            "installs on UpdateGatewaySoftwareNow (no maintenance window)"
-        lines.append(f"Software update {available.get('version')} available; {when}")
+        lines.append(f"Software update {available.get('version')} available")
+        lines.append(f"  installs {due} (window: {window})" if due else
+                     "  installs on UpdateGatewaySoftwareNow (no maintenance window)")
     elif window:
         lines.append(f"Maintenance window: {window}")
     last = update.get("lastResult")
