@@ -12,7 +12,8 @@ database (any fresh Ed25519 key signs its own registration). It is rate-limited 
 (`admit_registration`) and what it writes expires (`housekeep`, run at most once a minute as
 part of normal requests), so the rows a flood can leave are bounded. The fleet's own
 bookkeeping is kept off the request path (`run_housekeeping`, a task of the server): old
-nonces go in small chunks every few seconds, buffered heartbeats are written every second.
+the replay log forgets a minute of nonces at a time (noncelog.py), buffered heartbeats are
+written every second.
 
 The hypervisor part (docs/link-protocol.md, "Hypervisors"): the poll answer carries the
 gateway's hypervisor and the TestHypervisorConfiguration calls waiting for it, with every
@@ -38,10 +39,10 @@ from typing import Any
 from controlplane.atrest import SecretDecryptError, SecretsAtRest
 from controlplane.blobstore import BlobStore, Part
 from controlplane.clock import Clock
+from controlplane.noncelog import NonceLog
 from controlplane.pendingtests import ERROR_CODES, PendingTests, TestResult
 from controlplane.pollhub import PollHub
 from controlplane.store import (
-    NONCE_PURGE_CHUNK,
     Hypervisor,
     Identity,
     ReportedVm,
@@ -67,7 +68,7 @@ NO_PASSWORD: dict[str, Any] = {"password": None, "passwordPending": False}
 PASSWORD_PENDING: dict[str, Any] = {"password": None, "passwordPending": True}
 PURGE_INTERVAL_SECONDS = 60.0
 # The periodic part of housekeeping (wall clock): buffered heartbeats written every second,
-# old nonces deleted every 10 s (at 10,000 gateways about 5,000 rows, in 20 chunks).
+# the replay log's expired minutes forgotten every 10 s.
 HEARTBEAT_FLUSH_SECONDS = 1.0
 NONCE_PURGE_SECONDS = 10.0
 # Bounds of what a gateway reports about its hypervisor (the body itself is bounded by the
@@ -134,6 +135,7 @@ class LinkOps:
     def __init__(
         self,
         store: Store,
+        nonces: NonceLog,
         blobs: BlobStore,
         hub: PollHub,
         clock: Clock,
@@ -149,7 +151,9 @@ class LinkOps:
         passwords it stored, the tests it is waiting on. `jobs(gateway_id)` is the poll's
         "jobs" (joblink.py) and `on_poll` runs after each poll's heartbeat (the job
         scheduler: a gateway just heard from may take jobs, docs/backups.md). `updates`:
-        the published update bundles (updates.py), offered in the poll's `update`."""
+        the published update bundles (updates.py), offered in the poll's `update`. `nonces`:
+        the replay log of the signed requests (noncelog.py)."""
+        self.nonces = nonces
         self.jobs = jobs
         self.updates = updates
         # key id -> the last software update outcome the gateway reported (every poll
@@ -195,12 +199,11 @@ class LinkOps:
 
     async def run_housekeeping(self) -> None:
         """Until cancelled: write buffered heartbeats and checkpoint the WAL (in a thread)
-        every HEARTBEAT_FLUSH_SECONDS, delete expired nonces every NONCE_PURGE_SECONDS.
+        every HEARTBEAT_FLUSH_SECONDS, forget expired nonces every NONCE_PURGE_SECONDS.
 
         A timer task rather than work in the request path: what a request costs does not
-        depend on when the last cleanup ran, and the nonce purge is cut into chunks with
-        the event loop free between them. A failed round (a locked database) is logged and
-        tried again at the next tick.
+        depend on when the last cleanup ran. A failed round (a locked database) is logged
+        and tried again at the next tick.
         """
         loop = asyncio.get_running_loop()
         next_purge = loop.time()
@@ -211,7 +214,7 @@ class LinkOps:
                     self.store.flush_heartbeats()
                     if loop.time() >= next_purge:
                         next_purge = loop.time() + NONCE_PURGE_SECONDS
-                        await self.purge_nonces()
+                        self.purge_nonces()
                     await asyncio.to_thread(self.store.checkpoint)
                 except Exception as exc:  # logged; the next tick tries again
                     log.error("event=housekeeping_failed error=%s", exc)
@@ -219,18 +222,11 @@ class LinkOps:
         finally:
             self.store.stop_checkpoints()
 
-    async def purge_nonces(self) -> int:
-        """Delete the nonces older than the signature window allows (twice MAX_SKEW: a
-        request dated at the edge of the window is refused by its time before its nonce
-        could be forgotten), a chunk per transaction, yielding between chunks."""
-        before = self.wall_clock() - 2 * linkproto.MAX_SKEW_SECONDS
-        total = 0
-        while True:
-            deleted = self.store.purge_nonces(before)
-            total += deleted
-            if deleted < NONCE_PURGE_CHUNK:
-                break
-            await asyncio.sleep(0)
+    def purge_nonces(self) -> int:
+        """Forget the nonces older than the signature window (noncelog.WINDOW: a request
+        dated at its edge is refused by its time before its nonce is forgotten): whole
+        minutes at once, a set and a file each."""
+        total = self.nonces.purge(self.wall_clock())
         if total:
             log.debug("event=nonces_purged count=%d", total)
         return total
@@ -249,8 +245,8 @@ class LinkOps:
         return identity
 
     def use_nonce(self, key_id: str, nonce: str) -> None:
-        """Remember a signed request's nonce (in SQLite: a restart does not forget it)."""
-        if not self.store.record_nonce(key_id, nonce, self.wall_clock()):
+        """Remember a signed request's nonce (noncelog.py: a restart does not forget it)."""
+        if not self.nonces.record(key_id, nonce, self.wall_clock()):
             raise LinkError(401, "InvalidSignature", "nonce already used: a replayed request")
 
     # -- POST /gateway/activation-key -----------------------------------------------------

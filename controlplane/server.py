@@ -36,6 +36,7 @@ from controlplane.joblink import JobLink, JobOps
 from controlplane.jobscheduler import JobScheduler, JobTimings
 from controlplane.linkops import LinkOps
 from controlplane.linkwire import LinkWire
+from controlplane.noncelog import NonceLog
 from controlplane.operations import TEST_TIMEOUT_SECONDS, BackupGatewayApi
 from controlplane.pendingtests import PendingTests
 from controlplane.pollhub import PollHub
@@ -53,6 +54,7 @@ from controlplane.webconsole.console import console_base
 from gatewaycore.connguard import ConnectionGuard, Ticket, quiet_resource_errors
 
 log = logging.getLogger("controlplane")
+NONCES_DIR = "nonces"
 
 MAX_API_BODY = 1 << 20
 # A larger socket read buffer lets uploads stream at several Gbit/s over loopback.
@@ -369,7 +371,10 @@ class ControlPlane:
                                     updates=self.updates)
         self.job_ops = JobOps(self.store, self.backups, self.vaults, self.scheduler,
                               self.clock)
-        self.link_ops = LinkOps(self.store, self.blobs, self.hub, self.clock, wall_clock,
+        # The link's replay log (noncelog.py): the nonces of the signature window.
+        self.nonces = NonceLog(state_dir / NONCES_DIR, now=wall_clock())
+        self.link_ops = LinkOps(self.store, self.nonces, self.blobs, self.hub, self.clock,
+                                wall_clock,
                                 secrets_at_rest=self.secrets, tests=self.hypervisor_tests,
                                 jobs=self.job_ops.poll_jobs,
                                 on_poll=lambda identity: self.scheduler.polled(
@@ -457,4 +462,5 @@ class ControlPlane:
             self._runner = None
         self.vaults.close()
         self.blobs.close()
+        self.nonces.close()
         self.store.close()

@@ -1,8 +1,8 @@
-"""The control plane's state: one SQLite file, WAL journal with full sync (a link nonce's
-commit, the purge and the batched heartbeats excepted: `record_nonce` and `heartbeat` say
-why).
+"""The control plane's state: one SQLite file, WAL journal with full sync (the purge and the
+batched heartbeats excepted: `purge` and `heartbeat` say why; the link's nonces are not
+here but in controlplane/noncelog.py).
 
-Why SQLite: every change (a key issued, a gateway created, a nonce seen) must survive a
+Why SQLite: every change (a key issued, a gateway created) must survive a
 `kill -9` and a restart, and some changes must be all-or-nothing under concurrency (two
 CreateGateway calls with one key: exactly one wins). A transaction gives both. The store
 knows nothing of HTTP or JSON shapes: protocol.py and operations.py translate.
@@ -78,12 +78,6 @@ CREATE TABLE IF NOT EXISTS tags (
     value TEXT NOT NULL,
     PRIMARY KEY (arn, key)
 );
-CREATE TABLE IF NOT EXISTS nonces (
-    key_id TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    seen_at REAL NOT NULL,
-    PRIMARY KEY (key_id, nonce)
-);
 CREATE TABLE IF NOT EXISTS hypervisors (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     hypervisor_id TEXT NOT NULL UNIQUE,
@@ -145,7 +139,6 @@ _ADDED_COLUMNS = (
 # Created after the columns above exist. The purge filters on the time columns; the key_id
 # indexes let a deleted identity's foreign-key checks find children without a table scan.
 INDEXES = """
-CREATE INDEX IF NOT EXISTS nonces_seen_at ON nonces (seen_at);
 CREATE INDEX IF NOT EXISTS activation_keys_unused_expiry ON activation_keys (expires_at)
     WHERE used_at IS NULL;
 CREATE INDEX IF NOT EXISTS activation_keys_key_id ON activation_keys (key_id);
@@ -158,7 +151,6 @@ CREATE INDEX IF NOT EXISTS identities_pending_until ON identities (pending_until
     WHERE gateway_id IS NULL AND deleted = 0;
 """
 
-NONCE_PURGE_CHUNK = 250
 # Housekeeping, in this order (keys before the identities they reference). Each is a range
 # scan of one index: tests/controlplane/test_link_hostile.py checks the query plans.
 PURGE_QUERIES = {
@@ -166,15 +158,6 @@ PURGE_QUERIES = {
     "identities": (
         "DELETE FROM identities WHERE gateway_id IS NULL AND deleted = 0 AND pending_until <= ?"
         " AND NOT EXISTS (SELECT 1 FROM activation_keys k WHERE k.key_id = identities.key_id)"
-    ),
-    # The oldest NONCE_PURGE_CHUNK rows a transaction (a few more on equal times): at 10,000
-    # gateways a minute of nonces is 30,000 rows, and one delete of them all would hold the
-    # event loop for a long moment (each row sits on a random page of the primary key, so
-    # a chunk dirties as many pages). Both searches are ranges of the seen_at index.
-    "nonces": (
-        "DELETE FROM nonces WHERE seen_at < ?1 AND seen_at <= (SELECT max(seen_at) FROM"
-        f" (SELECT seen_at FROM nonces WHERE seen_at < ?1 ORDER BY seen_at"
-        f" LIMIT {NONCE_PURGE_CHUNK}))"
     ),
 }
 
@@ -407,8 +390,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        # 64 MiB of page cache instead of 2: at 10,000 gateways the replay table's primary
-        # key alone is about 25 MB, and each nonce lands on a random page of it.
+        # 64 MiB of page cache instead of 2: a fleet's rows (10,000 identities, gateways,
+        # their jobs) stay in memory, and a read never waits for the disk.
         self._db.execute("PRAGMA cache_size=-65536")
         # Heartbeats waiting to be written: key id -> (last seen, software version or None).
         self._heartbeats: dict[str, tuple[float, str | None]] = {}
@@ -424,8 +407,10 @@ class Store:
         self._db.executescript(INDEXES)
 
     def _migrate(self) -> None:
-        """Add the columns a file written by an older version lacks, in one transaction."""
+        """Add the columns a file written by an older version lacks, and drop its nonces
+        table (the nonces are kept in controlplane/noncelog.py now), in one transaction."""
         with self._tx() as db:
+            db.execute("DROP TABLE IF EXISTS nonces")
             for table, column, kind in _ADDED_COLUMNS:
                 have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 if column in have:
@@ -448,7 +433,7 @@ class Store:
     # -- WAL checkpoints off the event loop ---------------------------------------------
     #
     # SQLite copies the WAL into the database file (two fsyncs) in whichever commit finds the
-    # WAL over 1,000 pages: with a fleet's nonces that is every second or so, on the event
+    # WAL over 1,000 pages: with a fleet's heartbeats that is every few seconds, on the event
     # loop. While `checkpoint` is being called (the link's housekeeping task, in a thread,
     # through a connection of its own), the automatic checkpoint is off.
 
@@ -1118,48 +1103,15 @@ class Store:
 
     # -- the link -----------------------------------------------------------------------
 
-    def record_nonce(self, key_id: str, nonce: str, now: float) -> bool:
-        """Remember a request nonce; False when it was seen before (a replay).
-
-        Old nonces are deleted by the link's housekeeping task (`purge_nonces`), not here:
-        a few short index-range deletes every 10 s instead of work per signed request.
-
-        Committed with `synchronous=NORMAL`, with the heartbeats buffered since the last
-        commit (durable writes are synced before their request answers): in WAL mode that
-        commit skips the fsync, which cost 20-160 ms of the event loop per signed request
-        on a busy disk. The trade-off: a crash of the process keeps the nonce (it is in the
-        WAL, in the OS's cache), and so does the next durable commit of anything (an fsync
-        of the WAL covers every commit before it); only an OS crash or a
-        power cut can lose the nonces recorded since the last FULL commit, which reopens the
-        replay window (at most the 300 s signature window) for those few requests
-        (docs/link-protocol.md).
-        """
-        with self._unsynced(), self._tx() as db:
-            try:
-                db.execute(
-                    "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
-                    (key_id, nonce, now),
-                )
-            except sqlite3.IntegrityError:
-                return False
-        return True
-
     def purge(self, now: float) -> dict[str, int]:
-        """Delete expired unused keys and lapsed pending identities (old nonces go in
-        chunks: `purge_nonces`). `now` is business time (key expiry). Returns how many rows
+        """Delete expired unused keys and lapsed pending identities. `now` is business time
+        (key expiry). Returns how many rows
         of each kind went, for the log. Committed without an fsync (NORMAL): a purge lost
         in a power cut is simply done again.
         """
         with self._unsynced(), self._tx() as db:
             return {kind: db.execute(PURGE_QUERIES[kind], (now,)).rowcount
                     for kind in ("keys", "identities")}
-
-    def purge_nonces(self, before: float) -> int:
-        """Delete at most NONCE_PURGE_CHUNK nonces seen before `before` (wall time), in one
-        short unsynced transaction (an index range: the cost is the rows deleted, never the
-        table's size). Returns how many went; the caller yields between chunks."""
-        with self._unsynced(), self._tx() as db:
-            return int(db.execute(PURGE_QUERIES["nonces"], (before,)).rowcount)
 
     @contextlib.contextmanager
     def _unsynced(self) -> Iterator[None]:
@@ -1180,7 +1132,7 @@ class Store:
         """Rows per table that strangers can grow (tests and the purge log)."""
         return {
             table: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-            for table in ("identities", "activation_keys", "nonces")
+            for table in ("identities", "activation_keys")
         }
 
     def heartbeat(self, key_id: str, software_version: str | None, now: float) -> None:

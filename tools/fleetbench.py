@@ -11,9 +11,9 @@ page), and the figures of issue 15 are printed for the run's N.
 Why this shape:
 - the gateways live in other processes, several of them, so the simulator's own CPU is not
   the control plane's (its CPU is read from /proc for its PID alone);
-- the replay (nonce) table is brought to its steady size before the control plane starts
-  (rows with times spread over the nonce lifetime, expiring as real ones arrive), so a
-  short run measures the steady state, not the first minutes of an empty table;
+- the replay (nonce) log is brought to its steady size before the control plane starts
+  (nonces with times spread over their lifetime, expiring as real ones arrive), so a
+  short run measures the steady state, not the first minutes of an empty log;
 - a schedule Put carries a unique rate; the gateway holding it reports when its link loop
   applied it, so "a Put reaching its gateway" is measured end to end on one clock;
 - the registration throttle (120 new identities a minute for all sources) would make the
@@ -43,7 +43,6 @@ import os
 import random
 import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -341,32 +340,31 @@ def write_credentials(path: Path, count: int) -> list[tuple[str, str]]:
     return keys
 
 
-def prefill_nonces(db_file: Path, gateways: int) -> int:
-    """Bring the replay table to its steady size: NONCE_LIFETIME / POLL_PERIOD rows per
+def prefill_nonces(state_dir: Path, gateways: int) -> int:
+    """Bring the replay log to its steady size: NONCE_LIFETIME / POLL_PERIOD nonces per
     gateway, their times spread over the lifetime so they expire at the rate the fleet's
     polls add new ones (the size then stays steady from the first second)."""
-    from controlplane.store import Store
+    from controlplane.noncelog import NonceLog
+    from controlplane.server import NONCES_DIR
 
-    Store(db_file).close()  # the schema, as the control plane makes it
-    rows = int(gateways * NONCE_LIFETIME / POLL_PERIOD)
+    count = int(gateways * NONCE_LIFETIME / POLL_PERIOD)
     now = time.time()
-    db = sqlite3.connect(db_file)
-    with db:
-        db.executemany(
-            "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
-            ((secrets.token_hex(16), secrets.token_hex(16),
-              now - random.uniform(0, NONCE_LIFETIME - 30)) for _ in range(rows)),
-        )
-    db.close()
-    return rows
+    log = NonceLog(state_dir / NONCES_DIR, now=now)
+    for seen in sorted(now - random.uniform(0, NONCE_LIFETIME - 30) for _ in range(count)):
+        log.record(secrets.token_hex(16), secrets.token_hex(16), seen)
+    log.close()
+    return count
 
 
-def nonce_rows(db_file: Path) -> int:
-    db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
-    finally:
-        db.close()
+def nonce_rows(state_dir: Path) -> int:
+    """The nonces in the replay log's live files (a line each)."""
+    from controlplane.server import NONCES_DIR
+
+    total = 0
+    for path in (state_dir / NONCES_DIR).glob("*.log"):
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as fh:
+            total += sum(1 for _ in fh)
+    return total
 
 
 class ApiDriver:
@@ -568,12 +566,11 @@ async def orchestrate(args: argparse.Namespace) -> int:
     state_dir.mkdir(mode=0o700)
     n, workers_n = args.gateways, args.workers or max(2, math.ceil(args.gateways / 2500))
     keys = write_credentials(state_dir / "credentials", 2 + workers_n)
-    db_file = state_dir / "controlplane.sqlite3"
     print(f"fleetbench: {n} gateways in {workers_n} simulator processes, {os.cpu_count()} "
           f"cores, state in {workdir}", flush=True)
-    prefilled = prefill_nonces(db_file, n) if args.prefill else 0
+    prefilled = prefill_nonces(state_dir, n) if args.prefill else 0
     if prefilled:
-        print(f"fleetbench: replay table brought to its steady size: {prefilled} rows",
+        print(f"fleetbench: replay log brought to its steady size: {prefilled} nonces",
               flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -617,7 +614,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         idle_cpu = (cpu_seconds(cp.pid) - c0) / (time.monotonic() - t0)
         m1 = machine_busy()
         idle_machine = (m1[0] - m0[0]) / (m1[1] - m0[1])
-        rows_before = nonce_rows(db_file)
+        rows_before = nonce_rows(state_dir)
 
         # Steady state: polls and the API at ~40 calls/s.
         loop = asyncio.get_running_loop()
@@ -637,7 +634,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         while time.monotonic() < deadline and set(driver.put_marks) - set(driver.reached):
             await asyncio.sleep(0.2)
         driver.reach_figures()
-        rows_after = nonce_rows(db_file)
+        rows_after = nonce_rows(state_dir)
 
         for w in workers:
             w.proc.send_signal(signal.SIGTERM)
@@ -658,8 +655,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
             ("schedule Put reaching its gateway p99", ms(s["reach"].pct(99)),
              s["reach"].pct(99), s["reach"]),
         ]
-        print(f"\nfleetbench results: {n} gateways, steady state (replay table {rows_before} "
-              f"-> {rows_after} rows, {rows_after / max(1, n):.1f} per gateway), "
+        print(f"\nfleetbench results: {n} gateways, steady state (replay log {rows_before} "
+              f"-> {rows_after} nonces, {rows_after / max(1, n):.1f} per gateway), "
               f"{steady_wall:.0f} s at {driver.calls / steady_wall:.1f} calls/s")
         for label, shown, value, sample in rows:
             goal = "" if value is None else (

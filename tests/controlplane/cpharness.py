@@ -248,7 +248,7 @@ def running_server(state_dir: Path, home: Path, clock: FakeClock | None = None,
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()
-    host, port = asyncio.run_coroutine_threadsafe(plane.start("127.0.0.1", 0), loop).result(10)
+    host, port = asyncio.run_coroutine_threadsafe(plane.start("127.0.0.1", 0), loop).result(30)
     home.mkdir(exist_ok=True)
     srv = Server(plane, clock, host, port, home, loop)
     srv.env = aws_env(plane.access_key_id, plane.secret_access_key, home)

@@ -1,12 +1,13 @@
 """The control plane at fleet scale (issue 15, docs/fleet.md): the properties that let one
 instance hold 10,000 long-polling gateways, each checked without a fleet.
 
-- a poll's database work does not grow with the number of gateways or the replay table;
+- a poll's database work does not grow with the number of gateways or the replay log, and
+  makes no commit at all (its nonce goes to the replay log, its heartbeat is buffered);
 - heartbeats cost no synced commit (no commit of their own at all);
 - a durable change is on disk before its request answers, and before a poll tells it to
   the gateway, while the fsync runs off the event loop;
-- housekeeping deletes expired nonces on its period, in bounded chunks, and replays are
-  still refused.
+- housekeeping forgets expired nonces on its period, whole minutes at once, and replays
+  are still refused within the signature window.
 
 tools/fleetbench.py measures the same properties with real processes.
 """
@@ -28,8 +29,9 @@ import pytest
 from botocore.config import Config
 
 from controlplane import linkops, walsync
+from controlplane.noncelog import SEGMENT, WINDOW, NonceLog
 from controlplane.server import ControlPlane
-from controlplane.store import DB_FILE, NONCE_PURGE_CHUNK, Store
+from controlplane.store import DB_FILE, Store
 from tests.controlplane.cpharness import REGION, FakeClock, Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,8 +73,9 @@ class Statements:
         self.db.set_progress_handler(None, 0)
 
 
-def add_fleet(store: Store, gateways: int, nonces_per_gateway: int) -> None:
-    """Activated gateways and a replay table of steady size, written directly."""
+def add_fleet(store: Store, gateways: int, nonces_per_gateway: int = 0,
+              nonces: NonceLog | None = None) -> None:
+    """Activated gateways (written directly) and a replay log of steady size."""
     now = time.time()
     rows = []
     for _ in range(gateways):
@@ -89,10 +92,9 @@ def add_fleet(store: Store, gateways: int, nonces_per_gateway: int) -> None:
             " endpoint_type, created_at) VALUES (?, ?, ?, ?, 'g', 'BACKUP_VM', 'STANDARD', ?)",
             [(g, f"arn:aws:backup-gateway:{REGION}:1:gateway/{g}", k, REGION, now)
              for k, g in rows])
-        db.executemany(
-            "INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)",
-            [(k, secrets.token_hex(16), now - 590 * i / nonces_per_gateway)
-             for k, _ in rows for i in range(nonces_per_gateway)])
+    for k, _ in rows if nonces is not None else ():
+        for i in range(nonces_per_gateway):
+            assert nonces.record(k, secrets.token_hex(16), now - 590 * i / nonces_per_gateway)
 
 
 @pytest.fixture
@@ -126,11 +128,12 @@ def test_a_polls_work_does_not_grow_with_the_fleet_or_the_replay_table(
     plane: ControlPlane,
 ) -> None:
     store = plane.store
-    add_fleet(store, 10, 30)
+    add_fleet(store, 10, 30, plane.nonces)
     small_key = store.connection.execute("SELECT key_id FROM identities LIMIT 1").fetchone()[0]
     one_poll(plane, small_key)  # warm: statements prepared, first heartbeat buffered
     small = one_poll(plane, small_key)
-    add_fleet(store, 3000, 30)  # 300 times the gateways, 90,000 nonces
+    add_fleet(store, 3000, 30, plane.nonces)  # 300 times the gateways, 90,000 nonces
+    assert len(plane.nonces) == 3010 * 30 + 2
     big = one_poll(plane, small_key)
     last_key = store.connection.execute(
         "SELECT key_id FROM identities ORDER BY rowid DESC LIMIT 1").fetchone()[0]
@@ -141,29 +144,29 @@ def test_a_polls_work_does_not_grow_with_the_fleet_or_the_replay_table(
     # multiply them by hundreds; B-tree depth does not show in VM steps).
     assert big.steps <= small.steps * 1.2 + 10, (small.steps, big.steps)
     assert newest.steps <= small.steps * 1.2 + 10, (small.steps, newest.steps)
-    # One commit a poll (its nonce, unsynced), however large the fleet.
-    assert (big.full_commits, big.unsynced_commits) == (0, 1)
+    # No commit in a poll, however large the fleet: its nonce went to the replay log, its
+    # heartbeat is buffered (written once a second for the whole fleet).
+    assert (big.full_commits, big.unsynced_commits) == (0, 0)
 
 
 def test_heartbeats_cost_no_commit_of_their_own_and_are_seen_at_once(tmp_path: Path) -> None:
     store = Store(tmp_path / DB_FILE)
     try:
-        add_fleet(store, 50, 0)
+        add_fleet(store, 50)
         keys = [r[0] for r in store.connection.execute("SELECT key_id FROM identities")]
         with Statements(store.connection) as seen:
             for i, key_id in enumerate(keys):
-                assert store.record_nonce(key_id, secrets.token_hex(16), 1000.0 + i)
                 store.heartbeat(key_id, "9.9.9", 2000.0 + i)
                 # Readers see it before it is written...
                 identity = store.identity(key_id)
                 assert identity is not None and identity.last_seen == 2000.0 + i
-        # ...50 polls, 50 commits (the nonces'), none synced: the heartbeats rode along.
-        assert (seen.full_commits, seen.unsynced_commits) == (0, 50)
-        assert store.pending_heartbeats() == 1  # the last one, until the next commit
+        # ...50 polls, no commit: the heartbeats wait for the next flush.
+        assert (seen.full_commits, seen.unsynced_commits) == (0, 0)
+        assert store.pending_heartbeats() == 50
         gateway = next(g for g in store.list_gateways(REGION, 0, 100) if g.key_id == keys[-1])
         assert (gateway.last_seen, gateway.software_version) == (2049.0, "9.9.9")
         with Statements(store.connection) as seen:
-            assert store.flush_heartbeats() == 1
+            assert store.flush_heartbeats() == 50
         assert (seen.full_commits, seen.unsynced_commits) == (0, 1)
         raw = store.connection.execute(
             "SELECT COUNT(*) FROM identities WHERE last_seen >= 2000 AND"
@@ -182,7 +185,7 @@ def test_heartbeats_cost_no_commit_of_their_own_and_are_seen_at_once(tmp_path: P
 def test_durable_writes_outside_a_request_stay_synced(tmp_path: Path) -> None:
     store = Store(tmp_path / DB_FILE)
     try:
-        add_fleet(store, 1, 0)
+        add_fleet(store, 1)
         arn = store.list_gateways(REGION, 0, 1)[0].arn
         with Statements(store.connection) as seen:
             store.update_gateway(arn, name="renamed")
@@ -256,32 +259,29 @@ def test_a_change_is_on_disk_before_its_answer_and_before_the_gateway_hears_of_i
     assert synced_paths and synced_paths[0].name == f"{DB_FILE}-wal"
 
 
-def test_housekeeping_purges_expired_nonces_on_its_period_in_chunks(
+def test_housekeeping_forgets_expired_nonces_on_its_period(
     plane: ControlPlane, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = plane.store
     now = [time.time()]
     plane.link_ops.wall_clock = lambda: now[0]
-    add_fleet(store, 1, 0)
+    add_fleet(store, 1)
     key_id = store.connection.execute("SELECT key_id FROM identities").fetchone()[0]
-    old = [(key_id, secrets.token_hex(16), now[0] - 700 - i * 1e-3)
-           for i in range(3 * NONCE_PURGE_CHUNK + 5)]
-    with store.transaction() as db:
-        db.executemany("INSERT INTO nonces (key_id, nonce, seen_at) VALUES (?, ?, ?)", old)
-    plane.link_ops.use_nonce(key_id, "recent-nonce")
-    # One chunk a transaction: the event loop is never held for the whole table.
-    assert store.purge_nonces(now[0] - 600) == NONCE_PURGE_CHUNK
-    chunks: list[int] = []
-    real = store.purge_nonces
+    for i in range(500):  # nonces of 12 minutes ago: past the window, not yet forgotten
+        assert plane.nonces.record(key_id, secrets.token_hex(16), now[0] - 720 - i * 1e-3)
+    plane.link_ops.use_nonce(key_id, "0123456789abcdef")
+    files = sorted(p.name for p in plane.nonces.directory.iterdir())
+    assert len(files) >= 2  # a minute a file: the old minute's, and now's
     purged = asyncio.Event()
+    real = plane.nonces.purge
 
-    def counted(before: float) -> int:
-        chunks.append(real(before))
-        if chunks[-1] < NONCE_PURGE_CHUNK:
+    def counted(at: float) -> int:
+        gone = real(at)
+        if gone:
             purged.set()
-        return chunks[-1]
+        return gone
 
-    monkeypatch.setattr(store, "purge_nonces", counted)
+    monkeypatch.setattr(plane.nonces, "purge", counted)
     monkeypatch.setattr(linkops, "HEARTBEAT_FLUSH_SECONDS", 0.01)
 
     async def run() -> None:
@@ -293,13 +293,15 @@ def test_housekeeping_purges_expired_nonces_on_its_period_in_chunks(
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
-    assert chunks == [NONCE_PURGE_CHUNK, NONCE_PURGE_CHUNK, 5]
-    assert store.counts()["nonces"] == 1  # the recent one stays...
+    assert len(plane.nonces) == 1  # the recent one stays...
+    assert len(list(plane.nonces.directory.iterdir())) == 1  # ...with its minute's file
     with pytest.raises(linkops.LinkError, match="replayed"):  # ...and is still refused
-        plane.link_ops.use_nonce(key_id, "recent-nonce")
-    # After the signature window it goes too.
-    now[0] += 601
-    assert asyncio.run(plane.link_ops.purge_nonces()) == 1
+        plane.link_ops.use_nonce(key_id, "0123456789abcdef")
+    # Through the whole window (twice the allowed skew) and one minute more, it stays.
+    now[0] += WINDOW
+    assert plane.link_ops.purge_nonces() == 0
+    now[0] += SEGMENT + 1
+    assert plane.link_ops.purge_nonces() == 1
 
 
 def test_gc_policy_has_no_automatic_full_collection_but_one_on_its_period(

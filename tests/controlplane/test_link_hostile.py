@@ -292,7 +292,8 @@ def test_database_side_files_have_the_database_mode(tmp_path: Path) -> None:
     store = Store(path)
     try:
         store.account_id()
-        store.record_nonce("a" * 32, "b" * 32, time.time())
+        store.heartbeat("a" * 32, None, time.time())
+        store.flush_heartbeats()
         for suffix in ("", "-wal", "-shm"):
             mode = stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
             assert mode == 0o600, (suffix, oct(mode))
