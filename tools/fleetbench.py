@@ -234,10 +234,10 @@ async def worker_main(args: argparse.Namespace) -> int:
     polls = 0
 
     class CountingClient(LinkClient):
-        async def poll(self, after: int, wait: int = 20) -> Any:
+        async def poll(self, after: int, wait: int = 20, **options: Any) -> Any:
             nonlocal polls
             polls += 1
-            return await super().poll(after, wait)
+            return await super().poll(after, wait, **options)
 
     local = threading.local()
 
