@@ -203,7 +203,10 @@ class UpdateAgent:
                                   f"{self._result_wait:.0f} s", "at": utctime.format_utc()}
         finally:
             self.phase = None
-            self._jobs.release()
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # a stop (the installer's restart)
+                self._jobs.release()                   # keeps the hold to the end
+
             with contextlib.suppress(OSError):
                 self._download_path.unlink(missing_ok=True)
         if outcome is not None:
@@ -246,6 +249,7 @@ class UpdateAgent:
             self._new_result.set()
 
     def _record(self, result: dict[str, str]) -> None:
+        result = {**result, "message": result["message"][:1000]}
         failed = None if result["outcome"] == "installed" else result["version"]
         log.info("event=update_result outcome=%s version=%s from=%s running=%s message=%s",
                  result["outcome"], result["version"], result.get("from", ""), __version__,

@@ -347,7 +347,11 @@ class LinkOps:
             if raw != identity.seal_key and self.store.set_seal_key(identity.key_id, raw):
                 log.info("event=seal_key_recorded key_id=%s", identity.key_id)
         if update_status is not None:
-            self._update_reported(identity.key_id, update_status)
+            try:
+                self._update_reported(identity.key_id, update_status)
+            except LinkError as err:  # a report is information: it never costs the poll
+                log.warning("event=update_report_ignored key_id=%s reason=%s",
+                            identity.key_id, err.message)
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
         self.on_poll(identity)
         loop = asyncio.get_running_loop()

@@ -149,7 +149,8 @@ def new_identity() -> Identity:
 @dataclass
 class LinkResponse:
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any]  # a JSON answer's document ({} for other answers)
+    raw: bytes = b""
 
 
 class LinkClient:
@@ -184,7 +185,8 @@ class LinkClient:
             data = resp.read()
         finally:
             conn.close()
-        return LinkResponse(resp.status, json.loads(data) if data else {})
+        is_json = "json" in (resp.getheader("Content-Type") or "")
+        return LinkResponse(resp.status, json.loads(data) if data and is_json else {}, data)
 
     def request_key(self, region: str = REGION, endpoint_type: str = "STANDARD",
                     ip_version: str | None = None, vpc: str | None = None) -> LinkResponse:
