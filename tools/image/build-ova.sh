@@ -57,7 +57,7 @@ packer_dir=$work/packer-out
 rm -rf "$packer_dir"
 export CHECKPOINT_DISABLE=1 PACKER_CACHE_DIR=$work/packer_cache PACKER_NO_COLOR=1
 if packer version | grep -qE 'v1\.[0-6]\.'; then :; else packer init "$repo/packer/plugins"; fi
-packer build -color=false \
+packer build -color=false -timestamp-ui \
     -var "base_disk=$work/base.raw" \
     -var "output_dir=$packer_dir" \
     -var "stage_dir=$stage" \

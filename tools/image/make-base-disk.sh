@@ -6,9 +6,13 @@
 # Why no loop devices: the kernel on build machines may not parse partition tables, and
 # `mkfs.ext4 -d` + `dd` at offsets works everywhere root (or fakeroot) can write a file.
 #
-# usage: make-base-disk.sh WORKDIR SSH_PUBKEY_FILE OUT.raw
+# usage: make-base-disk.sh WORKDIR SSH_PUBKEY_FILE|- OUT.raw
 #   WORKDIR keeps a cached rootfs tarball, keyed by the package list, mirrors and the day,
 #   so repeated builds on one day skip the 45-60 s download.
+# env (the bare-Debian baseline of tools/bootbench.py, tools/image/baseline/, sets them; the
+# appliance uses the defaults): PACKAGES_FILE, DPKG_EXCLUDES, KERNEL_CMDLINE (after root=),
+# CUSTOMIZE_HOOK (an executable run with the rootfs folder before the disk is made).
+# SSH_PUBKEY_FILE "-": no build key, no host keys (an image Packer never logs into).
 set -euo pipefail
 
 workdir=$1 pubkey=$2 out=$3
@@ -18,10 +22,20 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 security=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 disk_mib=${DISK_MIB:-4096}
 esp_mib=64
+packages_file=${PACKAGES_FILE:-$here/packages.txt}
+dpkg_excludes=${DPKG_EXCLUDES:-$here/dpkg-excludes.txt}
+# The appliance's kernel command line (docs/image.md, "Boot"). The serial console comes last,
+# so it is /dev/console and systemd's one line per unit (show_status, unit names) goes there.
+# tsc=reliable: under QEMU's TCG the kernel finds the vCPUs' TSCs "unsynchronized" and falls
+# back to the HPET, whose every read is an emulated MMIO access the vDSO cannot do, so each
+# clock_gettime() of systemd and Python becomes a syscall plus an exit. TCG's TSC is one
+# host counter for all vCPUs; vSphere marks its TSC reliable itself, and KVM guests use
+# kvm-clock (rated above the TSC) either way.
+cmdline=${KERNEL_CMDLINE:-ro net.ifnames=0 console=tty0 console=ttyS0,115200n8 quiet tsc=reliable systemd.show_status=1 systemd.status_unit_format=name}
 
 mkdir -p "$workdir"
-packages=$(grep -v '^\s*#' "$here/packages.txt" | grep -v '^\s*$' | paste -sd, -)
-key=$(printf '%s\n' "$packages" "$(cat "$here/dpkg-excludes.txt")" "$mirror" "$security" "$(date -u +%F)" | sha256sum | cut -c1-16)
+packages=$(grep -v '^\s*#' "$packages_file" | grep -v '^\s*$' | paste -sd, -)
+key=$(printf '%s\n' "$packages" "$(cat "$dpkg_excludes")" "$mirror" "$security" "$(date -u +%F)" | sha256sum | cut -c1-16)
 tarball="$workdir/rootfs-$key.tar"
 
 if [ ! -s "$tarball" ]; then
@@ -30,7 +44,7 @@ if [ ! -s "$tarball" ]; then
     t0=$(date +%s)
     mmdebstrap --mode=root --variant=minbase --quiet \
         --aptopt='APT::Install-Recommends "false"' \
-        --dpkgopt="$here/dpkg-excludes.txt" \
+        --dpkgopt="$dpkg_excludes" \
         --include="$packages" \
         --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
         bookworm "$tarball.partial.tar" \
@@ -52,15 +66,61 @@ printf '127.0.0.1\tlocalhost\n127.0.1.1\tbackup-gateway\n::1\t\tlocalhost ip6-lo
 printf 'LABEL=root\t/\text4\terrors=remount-ro\t0\t1\n' >"$root/etc/fstab"
 echo 'LANG=C.UTF-8' >"$root/etc/default/locale"
 install -m 0644 "$repo"/systemd/network/*.network "$root/etc/systemd/network/"
-ln -sf /run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
-for unit in systemd-networkd.service systemd-resolved.service; do
-    chroot "$root" systemctl enable "$unit" >/dev/null 2>&1
-done
+chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1
+if [ -e "$root/lib/systemd/system/systemd-resolved.service" ]; then   # not in the baseline
+    ln -sf /run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+    chroot "$root" systemctl enable systemd-resolved.service >/dev/null 2>&1
+fi
 # The build-only SSH key: Packer's way in, removed with sshd by the last provisioner.
-install -d -m 0700 "$root/root/.ssh"
-install -m 0600 "$pubkey" "$root/root/.ssh/authorized_keys"
-chroot "$root" ssh-keygen -A >/dev/null   # host keys for the build VM only (purged later)
+if [ "$pubkey" != - ]; then
+    install -d -m 0700 "$root/root/.ssh"
+    install -m 0600 "$pubkey" "$root/root/.ssh/authorized_keys"
+    chroot "$root" ssh-keygen -A >/dev/null   # host keys for the build VM only (purged later)
+fi
 : >"$root/etc/machine-id"
+
+# --- boot: what starts (docs/image.md, "Boot") ---------------------------------------------
+# Under TCG every process costs CPU the daemon's start competes for; these units do nothing an
+# appliance needs: e2scrub (LVM snapshots: the root is plain ext4), pstore archiving, the
+# generator of network units from `ip=` on the kernel command line, the debug, tracing,
+# hugepage, fuse and configfs mounts, and the modprobe@ units for modules the image leaves out
+# (dpkg-excludes.txt: drm, fuse, loop, dm_mod, efi_pstore) or never uses (configfs).
+if [ "${APPLIANCE_BOOT_TUNING:-1}" = 1 ]; then
+    chroot "$root" systemctl mask --quiet e2scrub_reap.service e2scrub_all.timer \
+        systemd-pstore.service systemd-network-generator.service \
+        sys-kernel-debug.mount sys-kernel-tracing.mount dev-hugepages.mount \
+        sys-fs-fuse-connections.mount sys-kernel-config.mount \
+        modprobe@drm.service modprobe@fuse.service modprobe@loop.service \
+        modprobe@dm_mod.service modprobe@efi_pstore.service modprobe@configfs.service
+    # Generators systemd runs (one process each, before it loads any unit) for what the image
+    # has none of: encrypted, verity and integrity volumes, GPT auto-discovery (the disk is
+    # msdos), hibernation, /etc/rc.local, systemd.run= and SysV scripts (each of the image's
+    # /etc/init.d scripts has a native unit). Kept: fstab, getty, debug-shell, system-update.
+    mkdir -p "$root/etc/systemd/system-generators"
+    for gen in cryptsetup veritysetup integritysetup gpt-auto hibernate-resume rc-local run \
+               sysv; do
+        ln -sf /dev/null "$root/etc/systemd/system-generators/systemd-$gen-generator"
+    done
+fi
+# The initramfs with the image's own settings (tools/image/overlay/etc/initramfs-tools: only
+# the root disk's drivers, loaded by udev, zstd), made here at the build machine's speed: the
+# base disk then boots Packer's VM with it, and mkinitramfs costs about 1 min under TCG.
+# Cached beside the rootfs tarball, keyed by it and by those settings (5-30 s to make).
+if [ "${APPLIANCE_BOOT_TUNING:-1}" = 1 ]; then
+    cp -r "$here/overlay/etc/initramfs-tools/." "$root/etc/initramfs-tools/"
+    kver=$(ls "$root/lib/modules")
+    ikey=$( (echo "$key"; cd "$here/overlay/etc/initramfs-tools" && find . -type f | sort |
+             xargs sha256sum) | sha256sum | cut -c1-16)
+    initrd="$workdir/initrd-$ikey.img"
+    if [ -s "$initrd" ]; then
+        cp "$initrd" "$root/boot/initrd.img-$kver"
+    else
+        rm -f "$workdir"/initrd-*.img
+        chroot "$root" update-initramfs -u -k "$kver" >/dev/null
+        cp "$root/boot/initrd.img-$kver" "$initrd.partial" && mv "$initrd.partial" "$initrd"
+    fi
+fi
+[ -z "${CUSTOMIZE_HOOK:-}" ] || "$CUSTOMIZE_HOOK" "$root"
 
 # --- boot loader: one grub.cfg for both firmwares ------------------------------------------
 mkdir -p "$root/boot/grub"
@@ -72,10 +132,14 @@ terminal_output console serial
 set timeout=0
 search --no-floppy --label --set=root root
 menuentry "Backup gateway appliance" {
-    linux /vmlinuz root=LABEL=root ro net.ifnames=0 console=tty0 console=ttyS0,115200n8 quiet
+    echo "Loading the kernel..."
+    linux /vmlinuz root=LABEL=root @CMDLINE@
+    echo "Loading the initial ramdisk..."
     initrd /initrd.img
+    echo "Starting the kernel..."
 }
 EOF
+sed -i "s|@CMDLINE@|$cmdline|" "$root/boot/grub/grub.cfg"
 test -e "$root/vmlinuz" && test -e "$root/initrd.img" || { echo "no /vmlinuz or /initrd.img in rootfs" >&2; exit 1; }
 mods_common="part_msdos ext2 search search_label search_fs_uuid normal linux echo serial terminal test"
 chroot "$root" grub-mkimage -O i386-pc -o /tmp/core.img -p '(hd0,msdos2)/boot/grub' \

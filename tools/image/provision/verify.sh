@@ -56,4 +56,17 @@ kernel_mods=$(du -sm "/lib/modules/$(ls /lib/modules | head -1)" | cut -f1)
 initrd_mib=$(( $(stat -c %s /boot/initrd.img-"$(ls /lib/modules | head -1)") / 1048576 ))
 [ "$initrd_mib" -le 12 ] || fail "the initramfs is $initrd_mib MiB (MODULES=list: a few)"
 echo "kernel modules ${kernel_mods} MiB, initramfs ${initrd_mib} MiB"
+
+# The boot settings (docs/image.md, "Boot"): TSC clock and one line per unit on the serial
+# console, the consoles waiting for the daemon, the units that do nothing here masked.
+for opt in tsc=reliable systemd.show_status=1; do
+    grep -qw -- "$opt" /proc/cmdline || fail "$opt is not on the kernel command line"
+done
+for unit in getty@tty1.service serial-getty@ttyS0.service; do
+    systemctl show -p ExecStartPre --value "$unit" | grep -q wait-daemon \
+        || fail "$unit does not wait for the daemon"
+done
+for unit in e2scrub_reap.service systemd-pstore.service modprobe@drm.service; do
+    [ "$(systemctl is-enabled "$unit" 2>/dev/null || true)" = masked ] || fail "$unit is not masked"
+done
 echo "verified"
