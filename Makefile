@@ -17,7 +17,7 @@ help:
 	@echo "make run        build what is missing, boot the appliance in QEMU beside the control plane"
 	@echo "make test       install what is needed and run every test (unit, AWS CLI, console, VM)"
 	@echo "make test-fast  the quick tests: no VM image, no browser, no long walkthrough"
-	@echo "make bench      the shaper, backup and fleet benchmarks (figures against baselines of the same run)"
+	@echo "make bench      the shaper, backup, fleet and boot benchmarks (figures against baselines of the same run)"
 	@echo "make ova        build $(OVA) with Packer"
 	@echo "make release    the OVA and $(BUNDLE), the signed software update of this version"
 	@echo "make controlplane  run the reference control plane on 127.0.0.1:8443"
@@ -81,6 +81,7 @@ bench: venv
 	$(PY) -m tools.bench
 	$(PY) -m tools.backupbench
 	$(PY) -m tools.fleetbench --fleet-10k
+	$(PY) -m tools.bootbench
 
 ova: $(OVA)
 

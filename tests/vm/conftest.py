@@ -95,7 +95,13 @@ def figure_fixture() -> Callable[[str], None]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures, then the host's load: boot seconds under TCG from a busy host are not
+    comparable with a quiet one's (the same-run ratio to the bare-Debian boot still is)."""
     if FIGURES:
         terminalreporter.section("measured figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+        one, five, _ = os.getloadavg()
+        terminalreporter.write_line(
+            f"host load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+            " at the end: absolute boot seconds are only comparable on a quiet host")

@@ -7,11 +7,8 @@ no SSH: the image has neither.
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -28,7 +25,8 @@ if str(REPO) not in sys.path:
 
 from tests.conftest import free_port  # noqa: E402
 from tests.conftest import wait_until as poll  # noqa: E402
-from tools.image.vm import VmConfig, make_overlay  # noqa: E402
+from tools.image.guestagent import GuestAgent, GuestAgentError  # noqa: E402, F401
+from tools.image.vm import VmConfig, http_get, make_overlay, terminate  # noqa: E402
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
@@ -44,121 +42,6 @@ def vm_timeout(seconds: float) -> pytest.MarkDecorator:
                                           else OVA_BUILD_TIMEOUT))
 
 
-
-
-def terminate(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, 20 s to exit cleanly, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class GuestAgentError(Exception):
-    pass
-
-
-class GuestAgent:
-    """A qemu-guest-agent client on QEMU's chardev socket (one JSON command at a time)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.buf = b""
-
-    def sync(self, timeout: float) -> None:
-        """Wait until the agent answers (after boot or reboot); stale output is discarded."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.sock is None:
-                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self.sock.connect(str(self.path))
-                token = random.randrange(1, 2**31)
-                self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
-                while True:
-                    reply = self._read_message(min(5.0, max(0.1, deadline - time.monotonic())),
-                                               delimited=True)
-                    if reply.get("return") == token:
-                        return
-            except (OSError, TimeoutError, GuestAgentError):
-                self.close()
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"the guest agent did not answer within {timeout:.0f}s"
-                    ) from None
-                time.sleep(0.5)
-
-    def call(self, command: str, arguments: dict[str, Any] | None = None,
-             timeout: float = 30.0) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if arguments is not None:
-            msg["arguments"] = arguments
-        self._send(msg)
-        reply = self._read_message(timeout)
-        if "error" in reply:
-            raise GuestAgentError(f"{command}: {reply['error']}")
-        return reply.get("return")
-
-    def exec(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
-        """Run a command in the guest (as root, by the agent); exit code, stdout, stderr."""
-        pid = self.call("guest-exec", {"path": argv[0], "arg": argv[1:],
-                                       "capture-output": True})["pid"]
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.call("guest-exec-status", {"pid": pid})
-            if st.get("exited"):
-                out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
-                err = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
-                return int(st.get("exitcode", -1)), out, err
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{argv} did not finish in the guest within {timeout:.0f}s")
-            time.sleep(0.2)
-
-    def sh(self, script: str, timeout: float = 60.0) -> str:
-        """Run a shell snippet; its stdout, or AssertionError with its stderr."""
-        rc, out, err = self.exec(["/bin/sh", "-c", script], timeout)
-        if rc != 0:
-            raise AssertionError(f"guest: {script!r} exited {rc}: {err.strip() or out.strip()}")
-        return out
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        assert self.sock is not None
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def _read_message(self, timeout: float, delimited: bool = False) -> dict[str, Any]:
-        assert self.sock is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            if delimited and b"\xff" in self.buf:
-                self.buf = self.buf[self.buf.rindex(b"\xff") + 1 :]
-                delimited = False
-            if not delimited and b"\n" in self.buf:
-                line, _, self.buf = self.buf.partition(b"\n")
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    return json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a fragment from before a reboot
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer from the guest agent")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise GuestAgentError("the guest agent socket closed")
-            self.buf += chunk
 
 
 class Guest:
@@ -196,15 +79,7 @@ class Guest:
 
     def get(self, target: str, timeout: float = 10.0) -> tuple[int, str] | None:
         """GET on the forwarded port 80, redirects NOT followed; None while nothing answers."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
-        try:
-            conn.request("GET", target)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException):
-            return None
-        finally:
-            conn.close()
+        return http_get(self.http_port, target, timeout)
 
     def wait_for_key(self, timeout: float = BOOT_TIMEOUT) -> tuple[float, str]:
         """Seconds since power-on until the activation endpoint hands out a key, and the key."""
