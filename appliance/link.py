@@ -159,7 +159,7 @@ class UpdateOffer:
             bundle.parse_version(version)
         except bundle.BundleError:
             return None
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha) or (
+        if not isinstance(sha, str) or not bundle.SHA256_HEX.fullmatch(sha) or (
                 type(size) is not int or not 0 < size <= bundle.MAX_PAYLOAD):
             return None
         published = doc.get("publishedAt")

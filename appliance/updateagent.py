@@ -88,9 +88,10 @@ class UpdateAgent:
 
     # -- what the status view shows -----------------------------------------------------------
 
-    def next_window(self) -> float | None:
-        """Epoch seconds of the next maintenance window start, None without a window."""
-        window = self._window()
+    def next_window(self, window: maintenance.Window | None = None) -> float | None:
+        """Epoch seconds of the next maintenance window start (of `window`, else the one
+        in the state), None without a window."""
+        window = window or self._window()
         if window is None:
             return None
         after = self._clock()
@@ -108,7 +109,7 @@ class UpdateAgent:
     def view(self) -> dict[str, Any]:
         st = self._gateway.state
         window = self._window()
-        due = self.next_window()
+        due = self.next_window(window)
         return {
             "installed": __version__,
             "available": st.update_offer,

@@ -56,7 +56,7 @@ from controlplane.store import (
 from controlplane.throttle import RegistrationThrottle
 from controlplane.updates import UpdateShelf
 from gatewaycore import linkproto, rules, sealed
-from gatewaycore.utctime import format_utc
+from gatewaycore.utctime import format_utc, parse_utc
 
 log = logging.getLogger("controlplane.link")
 
@@ -77,7 +77,6 @@ MAX_MESSAGE = 1024
 MAX_VMS = 10_000
 MAX_VM_TAGS = 50
 _TEST_ID = re.compile(r"[0-9a-f]{32}")
-_UTC_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 # What a gateway reports of its last software update (docs/updates.md).
 UPDATE_OUTCOMES = ("installed", "rolled_back", "refused", "failed")
 _VM_UUID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: a UUID, a moref...
@@ -389,8 +388,11 @@ class LinkOps:
         if not isinstance(message, str) or len(message) > MAX_MESSAGE:
             raise invalid("updateStatus.message", f"must be text of at most {MAX_MESSAGE} "
                           "characters")
-        if not isinstance(at, str) or not _UTC_TIME.fullmatch(at):
-            raise invalid("updateStatus.at", "must be a UTC time like 2026-11-27T03:00:00Z")
+        try:
+            parse_utc(at)
+        except (TypeError, ValueError):
+            raise invalid("updateStatus.at", "must be a UTC time like 2026-11-27T03:00:00Z"
+                          ) from None
         report = {"outcome": outcome, "version": version,
                   "message": _CONTROL.sub(" ", message), "at": at}
         if self.update_reports.get(key_id) != report:

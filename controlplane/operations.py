@@ -39,7 +39,7 @@ from controlplane.store import (
 )
 from controlplane.updates import UpdateShelf
 from gatewaycore import rules
-from gatewaycore.maintenance import Window
+from gatewaycore.maintenance import Window, WindowError
 from gatewaycore.schedule import Schedule, ScheduleError
 
 log = logging.getLogger("controlplane.api")
@@ -438,19 +438,18 @@ class BackupGatewayApi:
 
     def put_maintenance_start_time(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         gateway = self._gateway(caller, body["GatewayArn"])
-        if body.get("DayOfWeek") is not None and body.get("DayOfMonth") is not None:
-            raise validation(
-                "DayOfWeek, DayOfMonth: give one of them (weekly or monthly), not both"
-            )
         maintenance = {
             k: body[k]
             for k in ("HourOfDay", "MinuteOfHour", "DayOfWeek", "DayOfMonth")
             if body.get(k) is not None
         }
+        try:  # the rule the gateway applies to the window too (gatewaycore/maintenance.py)
+            window = Window.from_api(maintenance)
+        except WindowError as exc:
+            raise validation(str(exc)) from None
         if self.store.update_gateway(gateway.arn, maintenance=maintenance) is None:
             raise not_found(f"Gateway {gateway.arn} was not found")
-        log.info("event=maintenance_set arn=%s window=%s", gateway.arn,
-                 Window.from_api(maintenance).describe())
+        log.info("event=maintenance_set arn=%s window=%s", gateway.arn, window.describe())
         self._changed(gateway)  # the gateway installs updates in this window: tell it now
         return {"GatewayArn": gateway.arn}
 

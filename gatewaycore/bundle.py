@@ -46,6 +46,7 @@ VERSION_FILE = "appliance/version.py"
 # Release numbers: 2 to 4 dot-separated numbers, no leading zeros ("0.1.0", "1.2").
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,5})(\.(0|[1-9][0-9]{0,5})){1,3}")
 VERSION_ACCEPTED = "2 to 4 numbers joined by dots, e.g. 0.2.0"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a payload's hash, in release.json and offers
 _MEMBER = re.compile(r"(appliance|gatewaycore)(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}){0,8}")
 _VERSION_LINE = re.compile(r'^__version__ = "([^"]*)"$', re.M)
 
@@ -150,7 +151,7 @@ def _document(raw: bytes) -> tuple[str, str, str, int]:
     if not isinstance(payload, dict):
         raise BundleError(f"{RELEASE}: payload must be an object {{sha256, size}}")
     sha, size = payload.get("sha256"), payload.get("size")
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         raise BundleError(f"{RELEASE}: payload.sha256 must be 64 lowercase hex digits")
     if type(size) is not int or not 0 < size <= MAX_PAYLOAD:
         raise BundleError(f"{RELEASE}: payload.size must be 1 to {MAX_PAYLOAD} bytes")

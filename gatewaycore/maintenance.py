@@ -45,7 +45,8 @@ class Window:
         week = _field(doc, "DayOfWeek", 0, 6, optional=True)
         month = _field(doc, "DayOfMonth", 1, 31, optional=True)
         if week is not None and month is not None:
-            raise WindowError("DayOfWeek, DayOfMonth: one of them (weekly or monthly), not both")
+            raise WindowError(
+                "DayOfWeek, DayOfMonth: give one of them (weekly or monthly), not both")
         assert hour is not None and minute is not None
         return cls(hour, minute, week, month)
 

@@ -81,3 +81,16 @@ def test_publishing_refuses_a_changed_bundle_under_a_published_version(
     (tmp_path / "junk.bundle").write_bytes(b"junk")
     with pytest.raises(updates.PublishError, match="not a readable tar"):
         server.plane.updates.publish(tmp_path / "junk.bundle")
+
+
+def test_a_window_is_weekly_or_monthly_not_both(server: Server) -> None:
+    """PutMaintenanceStartTime applies the window's one rule (gatewaycore/maintenance.py)."""
+    link = server.link()
+    arn = server.ok("create-gateway", "--activation-key", link.key(),
+                    "--gateway-display-name", "gw", "--gateway-type", "BACKUP_VM")["GatewayArn"]
+    res = server.aws("put-maintenance-start-time", "--gateway-arn", arn, "--hour-of-day", "3",
+                     "--minute-of-hour", "0", "--day-of-week", "1", "--day-of-month", "2")
+    assert "ValidationException" in res.err
+    assert "DayOfWeek, DayOfMonth: give one of them (weekly or monthly), not both" in res.err
+    assert "MaintenanceStartTime" not in server.ok("get-gateway", "--gateway-arn", arn)[
+        "Gateway"]
