@@ -94,22 +94,33 @@ class Uploads:
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, timeout=UPLOAD_TIMEOUT
             )
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
         log.info("event=upload_started name=%s limit=%s", name, self._shaper.limit_bps or "none")
+        # The transfer runs as a task of its own, so a stop cuts it and the local API still
+        # answers (503 ShuttingDown) on a connection left intact. Cancelling the request's
+        # own task instead drops the connection, and aiohttp's client then resends a PUT
+        # once on a new one, which reached a server already shutting down and held the
+        # daemon's stop for aiohttp's 60 s shutdown timeout.
+        transfer = asyncio.ensure_future(send_upload(
+            self._session, self._url, self._identity, name, source, self._shaper,
+            replace=replace,
+        ))
+        self._in_flight.add(transfer)
         try:
-            return await send_upload(
-                self._session, self._url, self._identity, name, source, self._shaper,
-                replace=replace,
-            )
+            return await transfer  # a cancelled request (client gone) cancels it too
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise UploadRefused(
+                503, "ShuttingDown",
+                "the daemon is stopping: the upload was cut and nothing of it is kept; retry",
+            ) from None
         except ShaperClosed:
             raise UploadRefused(503, "ShuttingDown", "the daemon is stopping; retry") from None
         except UploadError as exc:
             raise self._refused(exc) from None
         finally:
-            if task is not None:
-                self._in_flight.discard(task)
+            self._in_flight.discard(transfer)
 
     def _refused(self, exc: UploadError) -> UploadRefused:
         """The upload client's error (structured: code, status, message) as the API's answer."""
@@ -131,7 +142,7 @@ class Uploads:
 
     def cancel(self) -> None:
         """Cut the uploads in flight (the control plane keeps nothing of a cut upload), so a
-        slow shaped upload never holds up a stop."""
+        slow shaped upload never holds up a stop; each is answered 503 ShuttingDown."""
         for task in self._in_flight:
             task.cancel()
 
