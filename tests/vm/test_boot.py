@@ -5,9 +5,9 @@ One fresh BIOS boot of each, one after the other, with real QEMU and the same fl
 
 - the appliance's power-on to an activation key on port 80 against the bare image's
   power-on to an HTTP answer on port 80 (a ratio, because absolute TCG seconds move with
-  the host's load): the issue's goal is 0.8x and 25 s, not met yet; printed as a figure,
-  and held to today's figures with a margin (REGRESSION_RATIO, REGRESSION_SECONDS when the
-  bare boot shows a quiet host);
+  the host's load): the issue's goal is 0.8x and 25 s, not met yet (0.81-0.89x); printed
+  as a figure, and held to today's figures with a margin (REGRESSION_RATIO,
+  REGRESSION_SECONDS when the bare boot shows a quiet host);
 - the serial console must show the boot's progress (GRUB's steps, one line per unit from
   systemd) and then the appliance's banner with its address and the activation URL.
 
@@ -33,7 +33,10 @@ PAIR = 300 + 300 + 120 + 60
 # absolute 25 s bound is only asserted below it, the ratio always.
 QUIET_BARE_SECONDS = 32.0
 # What the test holds the boot to today (the goal is 0.8x and 25 s, printed with
-# the figure): measured 1.02-1.08x and 26.8-27.7 s on a quiet host.
+# the figure): medians 0.88-0.89x, single pairs 0.81-1.04x, 24.7-29.3 s beside bare boots
+# of 30-36 s at load 1-3 (docs/image.md, "Boot", second pass). Not tightened: at load 4+
+# (another engineer's tests beside the boots) the median was 1.32x, 40 s beside a 30 s bare
+# boot, the appliance's heavier boot losing more to a busy host than the bare one.
 REGRESSION_RATIO = 1.35
 REGRESSION_SECONDS = 36.0
 BANNER = r"Activation key: http://10\.0\.2\.15/"
@@ -62,8 +65,8 @@ def test_boot_to_key_against_a_bare_debian_boot(boot_pair, figure) -> None:
            f"{'met' if ratio <= bootbench.TARGET_RATIO else 'NOT met'})")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in appliance.stages.items())
     figure(f"boot stages (BIOS): {stages}")
-    # The goal (0.8x, 25 s) is not met yet (1.02-1.08x, 27 s on a quiet host: docs/image.md,
-    # "Boot"): the figure says so, and the test guards against the boot getting slower.
+    # The goal (0.8x, 25 s) is not met yet (0.81-0.89x, 25-29 s: docs/image.md, "Boot"): the
+    # figure says so, and the test guards against the boot getting slower.
     assert ratio <= REGRESSION_RATIO, (
         f"the appliance took {appliance.seconds:.1f} s to a key, {ratio:.2f}x the bare image's "
         f"{bare.seconds:.1f} s to HTTP; stages: {stages}\n{appliance.guest_report}")

@@ -16,24 +16,28 @@ the setting's name and what it accepts, and skipped: a typo must never stop the 
 
 from __future__ import annotations
 
+# Only what every boot needs is imported here: this runs at every boot under QEMU's TCG, where
+# each import is tens of ms of CPU (docs/image.md, "Boot"). The network store, the TOML
+# parser and the XML parser are imported where a source has settings to read or apply.
 import argparse
 import hashlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
-import socket
 import subprocess
 import sys
-import tomllib
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from appliance.system.networkd import AdapterConfig, NetworkConfigError, NetworkdStore
 from gatewaycore import rules
 from gatewaycore.atomicfile import write_atomic
 from gatewaycore.rules import RuleError
+
+if TYPE_CHECKING:
+    from appliance.system.networkd import NetworkdStore
 
 LOG = logging.getLogger("guestconfig")
 
@@ -60,7 +64,10 @@ class SettingError(ValueError):
 
 
 def parse_ovf_env(xml_text: str) -> dict[str, str]:
-    """The `appliance.*` properties of an OVF environment document, prefix removed."""
+    """The `appliance.*` properties of an OVF environment document, prefix removed
+    (xml.etree.ElementTree.ParseError when it is not XML)."""
+    import xml.etree.ElementTree as ET
+
     root = ET.fromstring(xml_text)
     found: dict[str, str] = {}
     for prop in root.iter(f"{{{OVF_ENV_NS}}}Property"):
@@ -121,9 +128,11 @@ def read_vapp() -> dict[str, str]:
     if proc.returncode != 0 or not proc.stdout.strip():
         LOG.info("event=vapp_absent")
         return {}
+    from xml.etree.ElementTree import ParseError
+
     try:
         return parse_ovf_env(proc.stdout)
-    except ET.ParseError as exc:
+    except ParseError as exc:
         LOG.warning("event=vapp_unreadable reason=%r", f"ovfEnv is not XML: {exc}")
         return {}
 
@@ -209,6 +218,8 @@ def toml_value(value: object) -> str:
 
 def set_config(config_file: Path, key: str, value: object) -> None:
     """Set one top-level key of the daemon's flat TOML settings file, keeping the others."""
+    import tomllib
+
     try:
         data = tomllib.loads(config_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -226,6 +237,8 @@ def apply(settings: dict[str, object], root: Path, live: bool) -> bool:
     The network file is the console's own (appliance.system.networkd), so the console shows
     and edits what the hypervisor set, and a console change later wins until this source changes.
     """
+    from appliance.system.networkd import NetworkConfigError, NetworkdStore
+
     store = NetworkdStore(
         root / "etc/systemd/network", apply=False, hostname_file=root / "etc/hostname"
     )
@@ -238,10 +251,14 @@ def apply(settings: dict[str, object], root: Path, live: bool) -> bool:
 
 
 def _apply(settings: dict[str, object], root: Path, live: bool, store: NetworkdStore) -> None:
+    from appliance.system.networkd import AdapterConfig
+
     if "hostname" in settings:
         name = str(settings["hostname"])
         store.set_hostname(name)
         if live:
+            import socket
+
             socket.sethostname(name)
     mode = settings.get("ipv4_mode")
     if mode == "static":
@@ -295,16 +312,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("/"), help="filesystem to write into")
     parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/appliance-guestconfig"))
     parser.add_argument("--dmi-dir", type=Path, default=Path("/sys/firmware/dmi/entries"))
+    parser.add_argument("--done-marker", type=Path, default=None,
+                        help="a file made when this is over, applied or not (the unit's "
+                             "/run/appliance-guestconfig/done: the daemon, started beside "
+                             "this, waits for it before it reads its settings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     live = args.root == Path("/")
-    sources = {"vapp": read_vapp(), "smbios": read_smbios(args.dmi_dir)}
-    for source, raw in sources.items():
-        if raw:
-            apply_if_changed(source, raw, args.root, args.state_dir, live)
-        else:
-            LOG.info("event=source_empty source=%s", source)
+    try:
+        sources = {"vapp": read_vapp(), "smbios": read_smbios(args.dmi_dir)}
+        for source, raw in sources.items():
+            if raw:
+                apply_if_changed(source, raw, args.root, args.state_dir, live)
+            else:
+                LOG.info("event=source_empty source=%s", source)
+    finally:
+        if args.done_marker is not None:
+            done(args.done_marker)
     return 0
+
+
+def done(marker: Path) -> None:
+    """Say this boot's settings are applied (or were tried): an empty file, world-readable."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.close(fd)
+    except OSError as exc:
+        LOG.error("event=marker_failed path=%s reason=%r", marker, str(exc))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ done
 failed=$(systemctl list-units --failed --no-legend --plain)
 [ -z "$failed" ] || fail "failed units: $failed"
 
-# The drivers vSphere's virtual hardware needs (LSI Logic SCSI, PVSCSI, VMXNET3) and QEMU's.
+# The drivers vSphere's virtual hardware needs (LSI Logic SCSI, PVSCSI, VMXNET3, E1000) and
+# QEMU's (virtio), disks and network adapters alike.
 initrd=$(lsinitramfs /boot/initrd.img-"$(ls /lib/modules | head -1)")
-for mod in mptspi vmw_pvscsi virtio_blk virtio_scsi; do
+for mod in mptspi vmw_pvscsi virtio_blk virtio_scsi virtio_net vmxnet3 e1000; do
     grep -q "/$mod.ko" <<<"$initrd" || fail "$mod is not in the initramfs"
 done
 modinfo -n vmxnet3 >/dev/null || fail "no vmxnet3 driver"
@@ -65,6 +66,14 @@ done
 for unit in getty@tty1.service serial-getty@ttyS0.service; do
     systemctl show -p ExecStartPre --value "$unit" | grep -q wait-daemon \
         || fail "$unit does not wait for the daemon"
+done
+# The daemon starts beside appliance-guestconfig and waits for its marker (appliance-serve).
+[ -e /run/appliance-guestconfig/done ] || fail "appliance-guestconfig left no marker"
+systemctl show -p ExecStart --value appliance.service | grep -q appliance-serve \
+    || fail "appliance.service does not start through appliance-serve"
+for unit in appliance.service systemd-udevd.service systemd-networkd.service; do
+    [ "$(systemctl show -p StartupCPUWeight --value "$unit")" = 1000 ] \
+        || fail "$unit has no boot CPU weight"
 done
 for unit in e2scrub_reap.service systemd-pstore.service modprobe@drm.service; do
     [ "$(systemctl is-enabled "$unit" 2>/dev/null || true)" = masked ] || fail "$unit is not masked"
