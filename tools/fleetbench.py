@@ -75,6 +75,9 @@ def control_plane_main(argv: list[str]) -> int:
                              clock=clock)
 
     linkops.RegistrationThrottle = Unthrottled  # type: ignore[misc]
+    times_to = os.environ.get("FLEETBENCH_SERVER_TIMES")
+    if times_to:
+        _time_handlers(Path(times_to))
     if os.environ.get("FLEETBENCH_WATCHDOG"):
         _install_watchdog(float(os.environ["FLEETBENCH_WATCHDOG"]))
     profile_to = os.environ.get("FLEETBENCH_PROFILE")
@@ -87,6 +90,58 @@ def control_plane_main(argv: list[str]) -> int:
         return int(profiler.runcall(cli.main, argv))
     finally:
         profiler.dump_stats(profile_to)
+
+
+# The AWS API's operations the steady phase calls, by the row they are shown in.
+SERVER_KINDS = {"GetGateway": "get", "PutBandwidthRateLimitSchedule": "put",
+                "PutMaintenanceStartTime": "put", "ListGateways": "list_page"}
+
+
+def _time_handlers(out: Path) -> None:
+    """Record how long each API call of the steady phase spent in the control plane, from
+    its first middleware to its answer (not the time before the loop picked it up), and
+    write them to `out` as JSON when the server stops: the bench then shows how much of a
+    client's figure is the control plane's own."""
+    import atexit
+
+    from aiohttp import web
+
+    from controlplane import server
+
+    times: dict[str, list[float]] = {k: [] for k in set(SERVER_KINDS.values())}
+    make_app = server.ControlPlane.make_app
+
+    @web.middleware
+    async def timed(request: web.Request, handler: Any) -> Any:
+        kind = SERVER_KINDS.get(request.headers.get("X-Amz-Target", "").rpartition(".")[2])
+        t0 = time.perf_counter()
+        try:
+            return await handler(request)
+        finally:
+            if kind is not None:
+                times[kind].append(time.perf_counter() - t0)
+
+    def timed_app(self: Any) -> Any:
+        app = make_app(self)
+        app.middlewares.insert(0, timed)
+        return app
+
+    server.ControlPlane.make_app = timed_app  # type: ignore[method-assign]
+
+    from controlplane import walsync
+
+    fsync_file = walsync._fsync_file
+    times["fsync"] = []
+
+    def timed_fsync(path: Path) -> None:
+        t0 = time.perf_counter()
+        try:
+            fsync_file(path)
+        finally:
+            times["fsync"].append(time.perf_counter() - t0)
+
+    walsync._fsync_file = timed_fsync
+    atexit.register(lambda: out.write_text(json.dumps(times)))
 
 
 def _install_watchdog(threshold: float) -> None:
@@ -531,6 +586,7 @@ class Worker:
 async def start_control_plane(state_dir: Path, port: int, log_file: Path
                               ) -> asyncio.subprocess.Process:
     env, cwd = {**os.environ, "PYTHONUNBUFFERED": "1"}, None
+    env["FLEETBENCH_SERVER_TIMES"] = str(log_file.with_name("server-times.json"))
     other = os.environ.get("FLEETBENCH_CONTROLPLANE_PATH")
     if other:
         # Another control plane's sources first (a "before" figure: `git archive` of an
@@ -592,6 +648,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
                 "--concurrency", str(args.concurrency),
                 stdout=asyncio.subprocess.PIPE, stderr=(workdir / f"worker{i}.log").open("ab"),
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20,
+                preexec_fn=lambda: os.nice(args.fleet_nice) if args.fleet_nice else None,
             )
             workers.append(Worker(proc, driver_ref))
             first += count
@@ -690,11 +747,28 @@ async def orchestrate(args: argparse.Namespace) -> int:
         except TimeoutError:
             cp.kill()
             await cp.wait()
+        print_server_times(workdir / "server-times.json")
         if not args.keep:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
         else:
             print(f"fleetbench: kept {workdir}")
     return code
+
+
+def print_server_times(path: Path) -> None:
+    """The same calls' p99 inside the control plane (its handlers, `_time_handlers`): what
+    is left of a client's figure is the loop's queue, the machine's scheduling and boto3."""
+    try:
+        times = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    print("  the same calls inside the control plane (first middleware to answer):")
+    for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
+                        ("Put* p99", "put"), ("a durable commit's WAL fsync p99", "fsync")):
+        sample = Samples()
+        for value in times.get(kind, []):
+            sample.add(value)
+        print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
 
 
 def list_all_arns(url: str, key: tuple[str, str]) -> list[str]:
@@ -722,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator processes (default: 1 per 2,500 gateways, at least 2)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="activations in flight per simulator process")
+    p.add_argument("--fleet-nice", type=int, default=10,
+                   help="the simulated gateways' niceness (default 10; 0 to share the CPU "
+                        "equally with the control plane)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false",
                    help="start with an empty replay table (the 'fresh' figures)")
     p.add_argument("--workdir", default=None, help="where the temporary state goes")

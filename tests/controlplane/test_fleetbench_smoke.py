@@ -29,3 +29,9 @@ def test_a_tiny_fleet_runs_clean() -> None:
     assert polls and int(polls.group(1)) >= 20, out[-3000:]
     errors = re.search(r"errors\s+(\d+)", out)
     assert errors and errors.group(1) == "0", out[-3000:]
+    # The control plane's own share of the calls is measured inside it and printed too.
+    inside = out.split("the same calls inside the control plane", 1)
+    assert len(inside) == 2, out[-3000:]
+    for label in ("GetGateway", r"Put\*", "a durable commit's WAL fsync"):
+        row = re.search(label + r" p99\s+[\d.]+ m?s\s+\(n=(\d+)\)", inside[1])
+        assert row and int(row.group(1)) > 0, (label, inside[1])
