@@ -15,6 +15,7 @@ from selenium.common.exceptions import (
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
+    WebDriverException,
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -54,10 +55,24 @@ def chromium() -> Iterator[WebDriver]:
 
 def until(driver: WebDriver, predicate: Callable[[WebDriver], Any], what: str,
           timeout: float = WAIT) -> Any:
-    """`predicate` once it holds; on a timeout the failure shows the page it was on."""
+    """`predicate` once it holds; on a timeout the failure shows the page it was on.
+
+    An element the page re-rendered between finding and reading it is tried again: as a
+    stale reference, or as chromedriver's "Node with given id does not belong to the
+    document", which it reports as a bare WebDriverException when the swap lands inside
+    its own call."""
+
+    def attempt(d: WebDriver) -> Any:
+        try:
+            return predicate(d)
+        except WebDriverException as exc:
+            if "does not belong to the document" in (exc.msg or ""):
+                return False
+            raise
+
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(
-            NoSuchElementException, StaleElementReferenceException)).until(predicate)
+            NoSuchElementException, StaleElementReferenceException)).until(attempt)
     except TimeoutException:
         raise AssertionError(f"timed out waiting for {what} at {driver.current_url}: "
                              f"{driver.find_element(By.TAG_NAME, 'main').text}") from None
