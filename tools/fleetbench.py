@@ -98,10 +98,12 @@ SERVER_KINDS = {"GetGateway": "get", "PutBandwidthRateLimitSchedule": "put",
 
 
 def _time_handlers(out: Path) -> None:
-    """Record how long each API call of the steady phase spent in the control plane, from
-    its first middleware to its answer (not the time before the loop picked it up), and
-    write them to `out` as JSON when the server stops: the bench then shows how much of a
-    client's figure is the control plane's own."""
+    """Record how long each of these API calls spent in the control plane, from its first
+    middleware to its answer (not the time before the loop picked it up), and every WAL
+    fsync's length, and write them to `out` as JSON when the server stops: the bench then
+    shows how much of a client's figure is the control plane's own. Whole run: the calls
+    are the steady phase's but for the one listing before it (its pages are among the
+    ListGateways ones), and the fsyncs include the activations'."""
     import atexit
 
     from aiohttp import web
