@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlplane import walsync
 from controlplane.atrest import SecretDecryptError, SecretsAtRest
 from controlplane.blobstore import BlobStore, Part
 from controlplane.clock import Clock
@@ -351,6 +352,9 @@ class LinkOps:
             except LinkError as err:  # a report is information: it never costs the poll
                 log.warning("event=update_report_ignored key_id=%s reason=%s",
                             identity.key_id, err.message)
+        # Its reads: its own identity and gateway (noted by the store), the rest (its
+        # hypervisor, its jobs) rows that only unkeyed commits change.
+        walsync.keyed_reads()
         self.store.heartbeat(identity.key_id, software_version, self.clock.now())
         self.on_poll(identity)
         loop = asyncio.get_running_loop()

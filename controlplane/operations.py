@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from controlplane import walsync
 from controlplane.atrest import SecretDecryptError, SecretsAtRest
 from controlplane.clock import Clock
 from controlplane.errors import ApiError, conflict, not_found, validation
@@ -282,6 +283,7 @@ class BackupGatewayApi:
         return out
 
     def get_gateway(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        walsync.keyed_reads()  # its only read is the gateway's (the update shelf is files)
         gateway = self._gateway(caller, body["GatewayArn"])
         details = self._summary(gateway)
         if gateway.maintenance:
@@ -308,6 +310,7 @@ class BackupGatewayApi:
         return Window.from_api(window).next_start(now).timestamp()
 
     def list_gateways(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        walsync.keyed_reads()  # its only reads are the page's gateways
         limit = min(body.get("MaxResults") or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = 0
         if body.get("NextToken"):

@@ -426,7 +426,7 @@ class Store:
 
     def close(self) -> None:
         self.flush_heartbeats()
-        self.wal.sync_now()
+        self.wal.close()
         self.stop_checkpoints()
         self._db.close()
 
@@ -472,7 +472,10 @@ class Store:
         return self._tx()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, keys: list[str] | None = None) -> Iterator[sqlite3.Connection]:
+        # `keys`: a caller whose transaction changes only gateways' own rows (the gateway
+        # and its identity) appends their key ids before the commit, so that a read of
+        # another gateway need not wait for this commit's fsync (walsync.keyed_reads).
         # Buffered heartbeats are written first, so a transaction (the job scheduler's,
         # reading last_seen through `connection`) sees every poll so far: inside an unsynced
         # transaction they ride along, before a synced one they get their own unsynced
@@ -494,7 +497,7 @@ class Store:
                 raise
             self._db.execute("COMMIT")
             if deferred and self._db.total_changes != changes:
-                self.wal.note_commit()
+                self.wal.note_commit(keys or ())
 
     # -- meta ---------------------------------------------------------------------------
 
@@ -518,6 +521,7 @@ class Store:
         ).fetchone()
         if row is None:
             return None
+        self.wal.note_read(key_id)  # its version is bumped by keyed commits
         last_seen, software_version = self._seen(row[0], row[2], row[3])
         return Identity(row[0], bytes(row[1]), last_seen, software_version, row[4], row[5],
                         bool(row[6]), bytes(row[7]) if row[7] is not None else None)
@@ -667,8 +671,10 @@ class Store:
         return self._gateway(row)
 
     def _gateway(self, row: sqlite3.Row | tuple[Any, ...]) -> Gateway:
-        """A gateway row, with its heartbeat if one is still buffered."""
+        """A gateway row, with its heartbeat if one is still buffered; every gateway read
+        goes through here, so it is where a keyed read is noted (walsync.keyed_reads)."""
         gateway = _gateway(row)
+        self.wal.note_read(gateway.key_id)
         if self._heartbeats:
             last_seen, version = self._seen(gateway.key_id, gateway.last_seen,
                                             gateway.software_version)
@@ -703,12 +709,14 @@ class Store:
         allowed = {"name", "schedule", "maintenance", "software_update_request"}
         if not set(changes) <= allowed:  # column names go into the SQL text: allow-list only
             raise ValueError(f"cannot update {sorted(set(changes) - allowed)}")
-        with self._tx() as db:
+        keys: list[str] = []  # this gateway's rows only: a keyed commit
+        with self._tx(keys) as db:
             row = db.execute(
                 "SELECT key_id FROM gateways WHERE arn=? AND deleted_at IS NULL", (arn,)
             ).fetchone()
             if row is None:
                 return None
+            keys.append(row[0])
             for column, value in changes.items():
                 if column == "software_update_request":
                     db.execute(
