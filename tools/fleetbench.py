@@ -110,18 +110,56 @@ def _time_handlers(out: Path) -> None:
 
     from controlplane import server
 
-    times: dict[str, list[float]] = {k: [] for k in set(SERVER_KINDS.values())}
+    kinds = set(SERVER_KINDS.values())
+    times: dict[str, list[float]] = {k: [] for k in kinds | {f"{k}_arrival" for k in kinds}}
     make_app = server.ControlPlane.make_app
+    data_received = server.GuardedProtocol.data_received
+
+    arrivals: dict[Any, float] = {}  # aiohttp's RequestHandler has slots: kept beside it
+
+    def stamped(self: Any, data: bytes) -> None:
+        arrivals[self._handler] = time.perf_counter()
+        data_received(self, data)
+
+    connection_lost = server.GuardedProtocol.connection_lost
+
+    def forget(self: Any, exc: Exception | None) -> None:
+        arrivals.pop(self._handler, None)
+        connection_lost(self, exc)
+
+    times["loop_lag"] = []
+    start = server.ControlPlane.start
+
+    async def start_and_probe(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """Also sample how late the loop runs a callback due now (every 10 ms): the wait a
+        request's bytes have before the loop reads them."""
+        here = await start(self, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+
+        def probe(due: float) -> None:
+            now = loop.time()
+            times["loop_lag"].append([time.time(), now - due])
+            loop.call_at(now + 0.01, probe, now + 0.01)
+
+        loop.call_soon(probe, loop.time())
+        return here
+
+    server.ControlPlane.start = start_and_probe  # type: ignore[method-assign]
+    server.GuardedProtocol.data_received = stamped  # type: ignore[method-assign]
+    server.GuardedProtocol.connection_lost = forget  # type: ignore[method-assign]
 
     @web.middleware
     async def timed(request: web.Request, handler: Any) -> Any:
         kind = SERVER_KINDS.get(request.headers.get("X-Amz-Target", "").rpartition(".")[2])
         t0 = time.perf_counter()
+        arrival = arrivals.get(request.protocol, t0)
         try:
             return await handler(request)
         finally:
             if kind is not None:
-                times[kind].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                times[kind].append(t1 - t0)
+                times[f"{kind}_arrival"].append(t1 - arrival)
 
     def timed_app(self: Any) -> Any:
         app = make_app(self)
@@ -437,7 +475,9 @@ class ApiDriver:
         self.list_rate = list_rate
         self.page_size = page_size
         self.samples: dict[str, Samples] = {
-            k: Samples() for k in ("list_all", "list_page", "get", "put", "reach")}
+            k: Samples() for k in ("list_all", "list_page", "get", "put", "reach",
+                                   "list_page_http", "get_http", "put_http")}
+        self._http = threading.local()  # the last HTTP exchange's seconds, per thread
         self.calls = 0
         self.put_marks: dict[int, tuple[str, float]] = {}
         self.reached: dict[int, float] = {}
@@ -446,11 +486,31 @@ class ApiDriver:
         # each warmed by one call so the first measured call does not pay for the setup.
         self._clients = [boto_client(url, key, secret, 1) for key, secret in keys[:2]]
         for client in self._clients:
+            self._time_exchanges(client)
             client.list_gateways(MaxResults=1)
         self._order = list(arns)
         random.shuffle(self._order)
         self._next = 0
         self._mark = MARK_BASE
+
+    def _time_exchanges(self, client: Any) -> None:
+        """Time botocore's HTTP exchange alone (request sent to response read), so the
+        figures split into boto3's own work in this process and the exchange."""
+        send = client._endpoint._send
+
+        def timed_send(request: Any) -> Any:
+            t0 = time.monotonic()
+            try:
+                return send(request)
+            finally:
+                self._http.seconds = time.monotonic() - t0
+
+        client._endpoint._send = timed_send
+
+    def _exchange(self, kind: str) -> None:
+        seconds = getattr(self._http, "seconds", None)
+        if seconds is not None:
+            self.samples[f"{kind}_http"].add(seconds)
 
     def _pick(self) -> str:
         with self._lock:
@@ -488,6 +548,7 @@ class ApiDriver:
             with self._lock:
                 self.calls += 1
         self.samples["get" if kind == "get" else "put"].add(time.monotonic() - t0)
+        self._exchange("get" if kind == "get" else "put")
 
     def listing(self, stop: threading.Event) -> None:
         """Whole listings back to back, pages as fast as they come, then a pause that keeps
@@ -504,6 +565,7 @@ class ApiDriver:
                     p0 = time.monotonic()
                     page = client.list_gateways(**kw)
                     self.samples["list_page"].add(time.monotonic() - p0)
+                    self._exchange("list_page")
                     pages += 1
                     with self._lock:
                         self.calls += 1
@@ -624,8 +686,9 @@ async def orchestrate(args: argparse.Namespace) -> int:
     state_dir.mkdir(mode=0o700)
     n, workers_n = args.gateways, args.workers or max(2, math.ceil(args.gateways / 2500))
     keys = write_credentials(state_dir / "credentials", 2 + workers_n)
-    print(f"fleetbench: {n} gateways in {workers_n} simulator processes, {os.cpu_count()} "
-          f"cores, state in {workdir}", flush=True)
+    where = ("SCHED_IDLE" if args.fleet_nice == "idle" else f"nice {args.fleet_nice}")
+    print(f"fleetbench: {n} gateways in {workers_n} simulator processes at {where}, "
+          f"{os.cpu_count()} cores, state in {workdir}", flush=True)
     prefilled = prefill_nonces(state_dir, n) if args.prefill else 0
     if prefilled:
         print(f"fleetbench: replay log brought to its steady size: {prefilled} nonces",
@@ -650,7 +713,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
                 "--concurrency", str(args.concurrency),
                 stdout=asyncio.subprocess.PIPE, stderr=(workdir / f"worker{i}.log").open("ab"),
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20,
-                preexec_fn=lambda: os.nice(args.fleet_nice) if args.fleet_nice else None,
+                preexec_fn=lambda: lower_priority(args.fleet_nice),
             )
             workers.append(Worker(proc, driver_ref))
             first += count
@@ -684,7 +747,9 @@ async def orchestrate(args: argparse.Namespace) -> int:
         print(f"fleetbench: polls-only CPU measured; steady phase {args.steady_seconds:.0f} s "
               f"at {args.rate:.0f} calls/s", flush=True)
         t0, c0, m0 = time.monotonic(), cpu_seconds(cp.pid), machine_busy()
+        steady_from = time.time()
         await loop.run_in_executor(None, driver.run, args.steady_seconds)
+        steady_window = (steady_from, time.time())
         steady_wall = time.monotonic() - t0
         steady_cpu = (cpu_seconds(cp.pid) - c0) / steady_wall
         m1 = machine_busy()
@@ -730,6 +795,12 @@ async def orchestrate(args: argparse.Namespace) -> int:
         print(f"  {'activation':<42} {activated / act_seconds:>16.0f} /s   "
               f"({act_seconds:.0f} s for {activated})")
         print(f"  {'errors':<42} {errors:>20}")
+        print("  the same calls' HTTP exchange at the client (request sent to response read,"
+              " without boto3's own work):")
+        for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
+                            ("Put* p99", "put")):
+            sample = s[f"{kind}_http"]
+            print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
         for name, sample in s.items():
             for e in sample.error_samples:
                 print(f"    {name}: {e}")
@@ -749,7 +820,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         except TimeoutError:
             cp.kill()
             await cp.wait()
-        print_server_times(workdir / "server-times.json")
+        print_server_times(workdir / "server-times.json", steady_window)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
         else:
@@ -757,9 +828,10 @@ async def orchestrate(args: argparse.Namespace) -> int:
     return code
 
 
-def print_server_times(path: Path) -> None:
+def print_server_times(path: Path, steady: tuple[float, float]) -> None:
     """The same calls' p99 inside the control plane (its handlers, `_time_handlers`): what
-    is left of a client's figure is the loop's queue, the machine's scheduling and boto3."""
+    is left of a client's figure is the loop's queue, the machine's scheduling and boto3;
+    and the event loop's lag during the steady phase (`steady`, wall-clock times)."""
     try:
         times = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -771,6 +843,20 @@ def print_server_times(path: Path) -> None:
         for value in times.get(kind, []):
             sample.add(value)
         print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+    print("  the same calls from their bytes reaching the control plane to the answer:")
+    for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
+                        ("Put* p99", "put")):
+        sample = Samples()
+        for value in times.get(f"{kind}_arrival", []):
+            sample.add(value)
+        print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+    lag = Samples()
+    for at, seconds in times.get("loop_lag", []):
+        if steady[0] <= at <= steady[1]:
+            lag.add(seconds)
+    worst = max(lag.values, default=None)
+    print(f"  {'the event loop running a due callback late by, p99':<42} {ms(lag.pct(99)):>20}"
+          f"   (n={len(lag.values)}, worst {ms(worst)})")
 
 
 def list_all_arns(url: str, key: tuple[str, str]) -> list[str]:
@@ -779,6 +865,27 @@ def list_all_arns(url: str, key: tuple[str, str]) -> list[str]:
     for page in client.get_paginator("list_gateways").paginate(PaginationConfig={"PageSize": 1000}):
         arns += [g["GatewayArn"] for g in page["Gateways"]]
     return arns
+
+
+def fleet_priority(text: str) -> str | int:
+    """`--fleet-nice`: 'idle' or a niceness 0-19."""
+    if text == "idle":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted values are 'idle' or 0 to 19")
+    return value
+
+
+def lower_priority(priority: str | int) -> None:
+    """In a simulator process before it runs: SCHED_IDLE, or a niceness."""
+    if priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority:
+        os.nice(int(priority))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -798,9 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator processes (default: 1 per 2,500 gateways, at least 2)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="activations in flight per simulator process")
-    p.add_argument("--fleet-nice", type=int, default=10,
-                   help="the simulated gateways' niceness (default 10; 0 to share the CPU "
-                        "equally with the control plane)")
+    p.add_argument("--fleet-nice", type=fleet_priority, default="idle",
+                   help="the simulated gateways' CPU priority: 'idle' (default: Linux's "
+                        "SCHED_IDLE, they run on the CPU the control plane leaves, as a "
+                        "remote fleet would) or a niceness 0-19 (0 shares the CPU equally)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false",
                    help="start with an empty replay table (the 'fresh' figures)")
     p.add_argument("--workdir", default=None, help="where the temporary state goes")

@@ -35,3 +35,10 @@ def test_a_tiny_fleet_runs_clean() -> None:
     for label in ("GetGateway", r"Put\*", "a durable commit's WAL fsync"):
         row = re.search(label + r" p99\s+[\d.]+ m?s\s+\(n=(\d+)\)", inside[1])
         assert row and int(row.group(1)) > 0, (label, inside[1])
+    # ... and split at the client (the HTTP exchange alone) and by the loop's lateness.
+    exchange = out.split("the same calls' HTTP exchange at the client", 1)
+    assert len(exchange) == 2, out[-3000:]
+    row = re.search(r"GetGateway p99\s+[\d.]+ m?s\s+\(n=(\d+)\)", exchange[1])
+    assert row and int(row.group(1)) > 0, exchange[1]
+    late = re.search(r"running a due callback late by, p99\s+[\d.]+ m?s\s+\(n=(\d+)", out)
+    assert late and int(late.group(1)) > 0, out[-3000:]
