@@ -55,15 +55,23 @@ def boot_pair(appliance_disk: Path, vm_workdir: Path, vm_control_plane: ControlP
     return {"bare": bare, "appliance": appliance}
 
 
+def goals(ratio: float, seconds: float) -> str:
+    """Each of the issue's two goals with its own verdict: one "met" must not cover both."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return (f"goal ratio <= {bootbench.TARGET_RATIO}: {verdict(ratio <= bootbench.TARGET_RATIO)}; "
+            f"goal <= {bootbench.TARGET_SECONDS:.0f} s: "
+            f"{verdict(seconds <= bootbench.TARGET_SECONDS)}")
+
+
 @vm_timeout(BASELINE_BUILD + PAIR + 60)
 def test_boot_to_key_against_a_bare_debian_boot(boot_pair, figure) -> None:
     appliance, bare = boot_pair["appliance"], boot_pair["bare"]
     ratio = appliance.seconds / bare.seconds
     figure(f"boot vs bare Debian (BIOS, same run): appliance power-on to a key "
            f"{appliance.seconds:.1f} s, bare Debian power-on to HTTP {bare.seconds:.1f} s, "
-           f"ratio {ratio:.2f} (goal <= {bootbench.TARGET_RATIO} and <= "
-           f"{bootbench.TARGET_SECONDS:.0f} s: "
-           f"{'met' if ratio <= bootbench.TARGET_RATIO else 'NOT met'})")
+           f"ratio {ratio:.2f} ({goals(ratio, appliance.seconds)})")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in appliance.stages.items())
     figure(f"boot stages (BIOS): {stages}")
     # The goal (0.8x, 25 s) is not met in every run (0.73-0.89x medians, 26-29 s:
