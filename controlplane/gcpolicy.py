@@ -14,11 +14,15 @@ second in the steady state (the garbage cycles, and nothing else, since nothing 
 collected), about 400,000 an hour.
 
 So while the server runs the automatic collector is off (`gc.disable`), and this task
-collects everything itself when the tracked objects have grown by GROWTH_LIMIT since the
-last collection (a bound on what garbage can hold; after a fleet's activation the count
-grows by its live objects too, and a collection then costs one pause for the new fleet) or
-FULL_SECONDS have passed: one pause (about 1 s at 10,000 gateways) every half hour or so
-instead of several a second. The collector is put back as it was when the server stops.
+collects itself when the tracked objects have grown by GROWTH_LIMIT since the last
+collection (a bound on what garbage can hold; after a fleet's activation the count grows
+by its live objects too). Each collection then freezes what survived it (`gc.freeze`: a
+generation no collection walks), so the next walks only what came since: about 0.2 s
+instead of 1 s at 10,000 gateways, a pause short enough for the p99s. Every FULL_SECONDS
+the frozen objects are put back and everything is collected (about 1 s at 10,000
+gateways, once an hour): cycles among objects that were alive at a freeze and died since
+(a gateway's connection closing) are taken then. The collector is put back as it was, and
+nothing stays frozen, when the server stops.
 """
 
 from __future__ import annotations
@@ -36,9 +40,21 @@ CHECK_SECONDS = 10.0
 
 
 def full_collection() -> tuple[int, float]:
-    """Collect every generation now: (objects collected, seconds)."""
+    """Collect everything now, the frozen objects too, then freeze the survivors:
+    (objects collected, seconds)."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    collected = gc.collect()
+    gc.freeze()
+    return collected, time.perf_counter() - started
+
+
+def young_collection() -> tuple[int, float]:
+    """Collect what is not frozen (what came since the last collection), then freeze the
+    survivors: (objects collected, seconds)."""
     started = time.perf_counter()
     collected = gc.collect()
+    gc.freeze()
     return collected, time.perf_counter() - started
 
 
@@ -52,24 +68,32 @@ _running: list[bool] = []  # whether the collector was on, while any run() is ac
 
 async def run(full_every: float = FULL_SECONDS, growth_limit: int = GROWTH_LIMIT,
               check_every: float = CHECK_SECONDS) -> None:
-    """Until cancelled: no automatic collection; a full one when `growth_limit` objects
-    were added since the last or every `full_every` seconds. Several servers in one process
-    (tests) share the setting: the last one to stop puts the collector back."""
+    """Until cancelled: no automatic collection; one of what came since the last when
+    `growth_limit` objects were added, a full one every `full_every` seconds. Several
+    servers in one process (tests) share the setting: the last one to stop puts the
+    collector back and unfreezes."""
     _running.append(gc.isenabled() if not _running else _running[0])
     gc.disable()
     loop = asyncio.get_running_loop()
-    last = loop.time()
+    last_full = loop.time()
     try:
         while True:
             await asyncio.sleep(min(check_every, full_every))
             growth = grown()
-            if growth < growth_limit and loop.time() - last < full_every:
+            if loop.time() - last_full >= full_every:
+                collected, seconds = full_collection()
+                last_full = loop.time()
+                kind = "full"
+            elif growth >= growth_limit:
+                collected, seconds = young_collection()
+                kind = "since_last"
+            else:
                 continue
-            collected, seconds = full_collection()
-            last = loop.time()
-            log.info("event=gc_full collected=%d seconds=%.3f grown=%d", collected, seconds,
-                     growth)
+            log.info("event=gc_collected kind=%s collected=%d seconds=%.3f grown=%d "
+                     "frozen=%d", kind, collected, seconds, growth, gc.get_freeze_count())
     finally:
         enabled = _running.pop()
-        if not _running and enabled:
-            gc.enable()
+        if not _running:
+            gc.unfreeze()
+            if enabled:
+                gc.enable()
