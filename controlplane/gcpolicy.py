@@ -49,7 +49,7 @@ def full_collection() -> tuple[int, float]:
     return collected, time.perf_counter() - started
 
 
-def young_collection() -> tuple[int, float]:
+def collection_since_last() -> tuple[int, float]:
     """Collect what is not frozen (what came since the last collection), then freeze the
     survivors: (objects collected, seconds)."""
     started = time.perf_counter()
@@ -85,7 +85,7 @@ async def run(full_every: float = FULL_SECONDS, growth_limit: int = GROWTH_LIMIT
                 last_full = loop.time()
                 kind = "full"
             elif growth >= growth_limit:
-                collected, seconds = young_collection()
+                collected, seconds = collection_since_last()
                 kind = "since_last"
             else:
                 continue

@@ -99,9 +99,10 @@ SERVER_KINDS = {"GetGateway": "get", "PutBandwidthRateLimitSchedule": "put",
 
 def _time_handlers(out: Path) -> None:
     """Record how long each of these API calls spent in the control plane, from its first
-    middleware to its answer (not the time before the loop picked it up), and every WAL
-    fsync's length, and write them to `out` as JSON when the server stops: the bench then
-    shows how much of a client's figure is the control plane's own. Whole run: the calls
+    middleware and from its bytes reaching the process to its answer, every WAL fsync's
+    length, and how late the loop runs a due callback (sampled every 10 ms), and write them
+    to `out` as JSON when the server stops: the bench then shows how much of a client's
+    figure is the control plane's own. Whole run: the calls
     are the steady phase's but for the one listing before it (its pages are among the
     ListGateways ones), and the fsyncs include the activations'."""
     import atexit
@@ -797,10 +798,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
         print(f"  {'errors':<42} {errors:>20}")
         print("  the same calls' HTTP exchange at the client (request sent to response read,"
               " without boto3's own work):")
-        for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
-                            ("Put* p99", "put")):
-            sample = s[f"{kind}_http"]
-            print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+        for label, kind in CALL_ROWS:
+            print_p99(label, s[f"{kind}_http"].values)
         for name, sample in s.items():
             for e in sample.error_samples:
                 print(f"    {name}: {e}")
@@ -828,6 +827,17 @@ async def orchestrate(args: argparse.Namespace) -> int:
     return code
 
 
+# The API calls whose p99 is split below the results: (row label, sample kind).
+CALL_ROWS = (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
+             ("Put* p99", "put"))
+
+
+def print_p99(label: str, values: list[float]) -> None:
+    """One indented row of a split: a p99 and its sample count."""
+    sample = Samples(values=list(values))
+    print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+
+
 def print_server_times(path: Path, steady: tuple[float, float]) -> None:
     """The same calls' p99 inside the control plane (its handlers, `_time_handlers`): what
     is left of a client's figure is the loop's queue, the machine's scheduling and boto3;
@@ -837,19 +847,11 @@ def print_server_times(path: Path, steady: tuple[float, float]) -> None:
     except (OSError, ValueError):
         return
     print("  the same calls inside the control plane (first middleware to answer):")
-    for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
-                        ("Put* p99", "put"), ("a durable commit's WAL fsync p99", "fsync")):
-        sample = Samples()
-        for value in times.get(kind, []):
-            sample.add(value)
-        print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+    for label, kind in (*CALL_ROWS, ("a durable commit's WAL fsync p99", "fsync")):
+        print_p99(label, times.get(kind, []))
     print("  the same calls from their bytes reaching the control plane to the answer:")
-    for label, kind in (("ListGateways page p99", "list_page"), ("GetGateway p99", "get"),
-                        ("Put* p99", "put")):
-        sample = Samples()
-        for value in times.get(f"{kind}_arrival", []):
-            sample.add(value)
-        print(f"    {label:<40} {ms(sample.pct(99)):>20}   (n={len(sample.values)})")
+    for label, kind in CALL_ROWS:
+        print_p99(label, times.get(f"{kind}_arrival", []))
     lag = Samples()
     for at, seconds in times.get("loop_lag", []):
         if steady[0] <= at <= steady[1]:

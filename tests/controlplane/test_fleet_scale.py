@@ -419,7 +419,7 @@ def test_gc_policy_has_no_automatic_collection_but_its_own(
             keep = [[] for _ in range(5000)]
             await asyncio.wait_for(done.wait(), 10)
             assert new() is None  # taken by either collection
-            if kind == "young_collection":
+            if kind == "collection_since_last":
                 assert old() is not None  # frozen: left for the full collection
             else:
                 assert old() is None
@@ -428,7 +428,7 @@ def test_gc_policy_has_no_automatic_collection_but_its_own(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(run("young_collection", full_every=3600, growth_limit=1000, check_every=0.01))
+    asyncio.run(run("collection_since_last", full_every=3600, growth_limit=1000, check_every=0.01))
     assert gc.isenabled() and gc.get_freeze_count() == 0
     asyncio.run(run("full_collection", full_every=0.05, growth_limit=10**9, check_every=0.01))
     assert gc.isenabled() and gc.get_freeze_count() == 0
