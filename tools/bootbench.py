@@ -44,7 +44,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.image.guestagent import GuestAgent  # noqa: E402
-from tools.image.vm import VmConfig, extract_disk, http_get, terminate  # noqa: E402
+from tools.image.httpprobe import first_answer, first_key  # noqa: E402
+from tools.image.vm import VmConfig, extract_disk, terminate  # noqa: E402
 
 BASELINE_RECIPE = REPO / "tools" / "image" / "baseline"
 CACHE = REPO / "build" / "bootbench"
@@ -213,19 +214,25 @@ def running_vm(disk: Path, disk_format: str, workdir: Path, name: str, firmware:
         overlay.unlink(missing_ok=True)
 
 
-def wait_answer(proc: subprocess.Popen[bytes], t0: float, probe: Callable[[], str | None],
-                what: str, timeout: float) -> tuple[float, str]:
-    """Poll `probe` (an HTTP request: nothing in the guest can tell the host it is up sooner)
-    every 50 ms; seconds since power-on at the first truthy answer."""
-    while True:
+def wait_answer(proc: subprocess.Popen[bytes], t0: float, port: int, what: str,
+                timeout: float, probe: Callable[..., tuple[float, str]]) -> tuple[float, str]:
+    """Seconds since power-on until the guest's answer `probe` waits for on its forwarded port
+    80 (tools/image/httpprobe.py: GETs overlap, so a boot is not measured in a probe's timeout
+    steps; nothing in the guest can tell the host it is up sooner)."""
+    def alive() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"QEMU exited {proc.returncode} before {what}")
-        got = probe()
-        if got:
-            return time.monotonic() - t0, got
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.05)
+    try:
+        at, answer = probe(port, t0 + timeout, alive)
+    except TimeoutError:
+        raise TimeoutError(f"no {what} within {timeout:.0f} s") from None
+    return at - t0, answer
+
+
+def key_answer(status: int, body: str) -> str | None:
+    """The activation key in a key request's answer, or None."""
+    first = body.splitlines()[0].strip() if status == 200 and body else ""
+    return first if KEY_RE.match(first) else None
 
 
 def boot_baseline(disk: Path, workdir: Path, firmware: str, accel: str,
@@ -235,17 +242,18 @@ def boot_baseline(disk: Path, workdir: Path, firmware: str, accel: str,
                     free_port()) as (cfg, proc, t0):
         serial = SerialRecorder(Path(cfg.serial), t0)
         try:
-            def answered() -> str | None:
-                got = http_get(cfg.http_port, "/")
-                return f"HTTP {got[0]}" if got else None
-            seconds, answer = wait_answer(proc, t0, answered, "HTTP answer", timeout)
+            seconds, answer = wait_answer(
+                proc, t0, cfg.http_port, "HTTP answer", timeout,
+                lambda port, deadline, alive: first_answer(
+                    port, "/", lambda status, _body: f"HTTP {status}", deadline, alive))
         finally:
             serial.close()
     return Boot("bare Debian", firmware, seconds, answer, serial.lines)
 
 
 GUEST_REPORT = r"""
-systemd-analyze
+systemd-analyze || true
+echo "userspace_us=$(systemctl show -p UserspaceTimestampMonotonic --value)"
 echo ---
 systemctl show -p ExecMainStartTimestampMonotonic --value appliance.service
 echo ---
@@ -268,13 +276,10 @@ def boot_appliance(disk: Path, workdir: Path, control_plane_port: int, firmware:
                     control_plane_port) as (cfg, proc, t0):
         serial = SerialRecorder(Path(cfg.serial), t0)
         try:
-            def key() -> str | None:
-                got = http_get(cfg.http_port, KEY_QUERY)
-                if got and got[0] == 200:
-                    first = got[1].splitlines()[0].strip() if got[1] else ""
-                    return first if KEY_RE.match(first) else None
-                return None
-            seconds, answer = wait_answer(proc, t0, key, "activation key", timeout)
+            seconds, answer = wait_answer(
+                proc, t0, cfg.http_port, "activation key", timeout,
+                lambda port, deadline, alive: first_key(port, KEY_QUERY, key_answer, deadline,
+                                                        alive))
             boot = Boot("appliance", firmware, seconds, answer)
             if serial_until is not None:
                 serial.wait_for(serial_until, 60)
@@ -310,9 +315,11 @@ def stages(report: str, host_now: float, key_seconds: float) -> dict[str, float]
     uptime = float(parts[0].split()[0])
     kernel_at = host_now - uptime
     out = {"firmware + GRUB": kernel_at}
-    kernel_s = re.search(r"([\d.]+)(ms|s) \(kernel\)", parts[1])
-    if kernel_s:
-        out["kernel + initramfs"] = float(kernel_s[1]) / (1000 if kernel_s[2] == "ms" else 1)
+    # PID 1's own start, also there before the boot is over (systemd-analyze then prints
+    # nothing: the units after the daemon's readiness are often still starting)
+    userspace_us = re.search(r"userspace_us=(\d+)", parts[1])
+    if userspace_us:
+        out["kernel + initramfs"] = int(userspace_us[1]) / 1e6
     with contextlib.suppress(ValueError, IndexError):
         start = int(parts[2].strip()) / 1e6
         out["userspace until appliance.service starts"] = start - out.get(

@@ -26,9 +26,11 @@ if str(REPO) not in sys.path:
 from tests.conftest import free_port  # noqa: E402
 from tests.conftest import wait_until as poll  # noqa: E402
 from tools.image.guestagent import GuestAgent, GuestAgentError  # noqa: E402, F401
+from tools.image.httpprobe import first_key  # noqa: E402
 from tools.image.vm import VmConfig, http_get, make_overlay, terminate  # noqa: E402
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
+KEY_QUERY = "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
 # Without APPLIANCE_OVA the session builds the OVA (tests/vm/conftest.py, at most this long)
 # inside the setup of the first test that needs it, which pytest-timeout counts.
@@ -82,22 +84,15 @@ class Guest:
         return http_get(self.http_port, target, timeout)
 
     def wait_for_key(self, timeout: float = BOOT_TIMEOUT) -> tuple[float, str]:
-        """Seconds since power-on until the activation endpoint hands out a key, and the key."""
-        def key() -> str | None:
-            self._alive()
-            got = self.get("/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect")
-            if got and got[0] == 200 and KEY_RE.match(got[1].splitlines()[0].strip()):
-                return got[1].splitlines()[0].strip()
-            return None
-        found = poll(key, timeout, f"an activation key from {self.name}")
-        return time.monotonic() - self.started, found
-
-    def wait_http(self, timeout: float = BOOT_TIMEOUT) -> int:
-        def answered() -> int | None:
-            self._alive()
-            got = self.get("/")
-            return got[0] if got else None
-        return poll(answered, timeout, f"port 80 of {self.name} to answer")
+        """Seconds since power-on until the activation endpoint hands out a key, and the key
+        (tools/image/httpprobe.py: overlapping GETs until port 80 serves, then one key
+        request at a time)."""
+        def key(status: int, body: str) -> str | None:
+            first = body.splitlines()[0].strip() if status == 200 and body else ""
+            return first if KEY_RE.match(first) else None
+        at, found = first_key(self.http_port, KEY_QUERY, key, time.monotonic() + timeout,
+                              self._alive)
+        return at - self.started, found
 
     def status(self) -> dict[str, Any]:
         """The daemon's own report (`python3 -m appliance status --json`, run in the guest)."""
