@@ -76,7 +76,8 @@ def test_descriptor_fields_and_sizes(ova: dict) -> None:
     items = {int(i.find(f"{RASD}ResourceType").text): i for i in hw.iter(f"{OVF}Item")}
     assert items[3].find(f"{RASD}VirtualQuantity").text == str(desc["hardware"]["cpus"])
     assert items[4].find(f"{RASD}VirtualQuantity").text == str(desc["hardware"]["memory_mib"])
-    assert items[6].find(f"{RASD}ResourceSubType").text == "lsilogic"
+    # PVSCSI: the cloud kernel's driver (tools/image/packages.txt)
+    assert items[6].find(f"{RASD}ResourceSubType").text == "VirtualSCSI"
     assert items[10].find(f"{RASD}ResourceSubType").text == "VmxNet3"
     assert items[17].find(f"{RASD}HostResource").text == "ovf:/disk/vmdisk1"
     assert items[17].find(f"{RASD}Parent").text == items[6].find(f"{RASD}InstanceID").text

@@ -53,6 +53,12 @@ def vmdk_capacity(path: Path) -> int:
     return sectors * 512
 
 
+# The VMDK descriptor's ddb.adapterType each OVF SCSI controller takes: VMware's own tools write
+# "lsilogic" for a disk on PVSCSI ("VirtualSCSI") or LSI Logic SAS too.
+DDB_ADAPTER = {"VirtualSCSI": "lsilogic", "lsilogic": "lsilogic", "lsilogicsas": "lsilogic",
+               "buslogic": "buslogic"}
+
+
 def vmdk_adapter_type(path: Path) -> str | None:
     """The ddb.adapterType of the VMDK's embedded descriptor (vSphere matches the controller)."""
     with path.open("rb") as fh:
@@ -240,10 +246,14 @@ def build_descriptor(
 def make_ova(description: Path, version: str, disk: Path, out: Path) -> Path:
     desc = tomllib.loads(description.read_text(encoding="utf-8"))
     adapter = vmdk_adapter_type(disk)
-    if adapter != desc["hardware"]["scsi_controller"]:
+    controller = desc["hardware"]["scsi_controller"]
+    if controller not in DDB_ADAPTER:
+        raise OvfError(f"scsi_controller={controller!r}: accepted values are "
+                       + ", ".join(repr(c) for c in DDB_ADAPTER))
+    if adapter != DDB_ADAPTER[controller]:
         raise OvfError(
-            f"the VMDK's adapter type {adapter!r} does not match "
-            f"scsi_controller={desc['hardware']['scsi_controller']!r}"
+            f"the VMDK's adapter type {adapter!r} does not match scsi_controller={controller!r} "
+            f"(which takes {DDB_ADAPTER[controller]!r})"
         )
     base = out.name.removesuffix(".ova")
     disk_name = f"{base}-disk1.vmdk"
