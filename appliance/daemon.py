@@ -28,10 +28,11 @@ import contextlib
 import functools
 import logging
 import signal
+import time
 from typing import Any
 
 from appliance import identity as identity_mod
-from appliance import localapi, sealkey
+from appliance import localapi, sdnotify, sealkey
 from appliance.activation import ActivationServer
 from appliance.clockwatch import ClockWatch
 from appliance.config import Settings
@@ -211,16 +212,21 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             st = self.gateway.state
+            # cpu: what the start cost this process (imports most of it): the boot's figure to
+            # watch under QEMU's TCG (docs/image.md, "Boot")
             log.info(
                 "event=ready version=%s key_id=%s listen=%s local_api=%s control_plane=%s "
-                "activated=%s deleted=%s",
+                "activated=%s deleted=%s cpu=%.2fs",
                 __version__, self.identity.key_id, ",".join(bound), settings.local_api_socket,
                 settings.control_plane_url, str(st.activated).lower(), str(st.deleted).lower(),
+                time.process_time(),
             )
+            sdnotify.notify("READY=1")  # systemd starts the units that wait for us now
             try:
                 await self._stop.wait()
             finally:
                 log.info("event=stopping")
+                sdnotify.notify("STOPPING=1")
 
     def stop(self) -> None:
         self._stop.set()

@@ -95,10 +95,11 @@ if [ "${APPLIANCE_BOOT_TUNING:-1}" = 1 ]; then
     # Generators systemd runs (one process each, before it loads any unit) for what the image
     # has none of: encrypted, verity and integrity volumes, GPT auto-discovery (the disk is
     # msdos), hibernation, /etc/rc.local, systemd.run= and SysV scripts (each of the image's
-    # /etc/init.d scripts has a native unit). Kept: fstab, getty, debug-shell, system-update.
+    # /etc/init.d scripts has a native unit), offline updates (system-update.target: the
+    # appliance's updates are its own, docs/updates.md). Kept: fstab, getty, debug-shell.
     mkdir -p "$root/etc/systemd/system-generators"
     for gen in cryptsetup veritysetup integritysetup gpt-auto hibernate-resume rc-local run \
-               sysv; do
+               sysv system-update; do
         ln -sf /dev/null "$root/etc/systemd/system-generators/systemd-$gen-generator"
     done
 fi
@@ -108,9 +109,11 @@ fi
 # Cached beside the rootfs tarball, keyed by it and by those settings (5-30 s to make).
 if [ "${APPLIANCE_BOOT_TUNING:-1}" = 1 ]; then
     cp -r "$here/overlay/etc/initramfs-tools/." "$root/etc/initramfs-tools/"
+    install -D -m 0755 "$here/overlay/usr/lib/appliance-image/coldplug" \
+        "$root/usr/lib/appliance-image/coldplug"   # hooks/appliance-coldplug copies it in
     kver=$(ls "$root/lib/modules")
-    ikey=$( (echo "$key"; cd "$here/overlay/etc/initramfs-tools" && find . -type f | sort |
-             xargs sha256sum) | sha256sum | cut -c1-16)
+    ikey=$( (echo "$key"; cd "$here/overlay" && find etc/initramfs-tools -type f | sort |
+             xargs sha256sum usr/lib/appliance-image/coldplug) | sha256sum | cut -c1-16)
     initrd="$workdir/initrd-$ikey.img"
     if [ -s "$initrd" ]; then
         cp "$initrd" "$root/boot/initrd.img-$kver"

@@ -36,9 +36,9 @@ done
 install -m 0644 "$stage"/systemd/network/*.network /etc/systemd/network/
 systemd-sysusers
 systemctl daemon-reload
-systemctl enable appliance-guestconfig.service appliance.service systemd-timesyncd.service \
-    systemd-networkd.service systemd-resolved.service appliance-update.path \
-    appliance-update.service
+systemctl enable appliance-guestconfig.service appliance.service appliance-coldplug.service \
+    systemd-timesyncd.service systemd-networkd.service systemd-resolved.service \
+    appliance-update.path appliance-update.service
 # Units the appliance never needs, whose kernel modules the image leaves out
 # (dpkg-excludes.txt): binfmt_misc (foreign executable formats).
 systemctl mask systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \

@@ -44,10 +44,12 @@ done
 failed=$(systemctl list-units --failed --no-legend --plain)
 [ -z "$failed" ] || fail "failed units: $failed"
 
-# The drivers vSphere's virtual hardware needs (LSI Logic SCSI, PVSCSI, VMXNET3, E1000) and
-# QEMU's (virtio), disks and network adapters alike.
-initrd=$(lsinitramfs /boot/initrd.img-"$(ls /lib/modules | head -1)")
-for mod in mptspi vmw_pvscsi virtio_blk virtio_scsi virtio_net vmxnet3 e1000; do
+# The kernel for VMs (packages.txt: LZ4, not xz) and the drivers vSphere's virtual hardware
+# needs (PVSCSI, VMXNET3) and QEMU's (virtio), disks and network adapters alike.
+kernel=$(ls /lib/modules | head -1)
+case "$kernel" in *-cloud-amd64) ;; *) fail "kernel $kernel is not Debian's cloud kernel" ;; esac
+initrd=$(lsinitramfs /boot/initrd.img-"$kernel")
+for mod in vmw_pvscsi virtio_blk virtio_scsi virtio_net vmxnet3; do
     grep -q "/$mod.ko" <<<"$initrd" || fail "$mod is not in the initramfs"
 done
 modinfo -n vmxnet3 >/dev/null || fail "no vmxnet3 driver"
@@ -74,6 +76,15 @@ systemctl show -p ExecStart --value appliance.service | grep -q appliance-serve 
 for unit in appliance.service systemd-udevd.service systemd-networkd.service; do
     [ "$(systemctl show -p StartupCPUWeight --value "$unit")" = 1000 ] \
         || fail "$unit has no boot CPU weight"
+done
+# The boot's work that is not on the way to a key waits for the daemon to say it is ready.
+[ "$(systemctl show -p Type --value appliance.service)" = notify ] \
+    || fail "appliance.service is not Type=notify"
+[ "$(systemctl is-enabled appliance-coldplug.service)" = enabled ] \
+    || fail "appliance-coldplug.service is not enabled"
+for unit in systemd-resolved.service systemd-timesyncd.service appliance-coldplug.service; do
+    systemctl show -p After --value "$unit" | grep -qw appliance.service \
+        || fail "$unit does not wait for the daemon"
 done
 for unit in e2scrub_reap.service systemd-pstore.service modprobe@drm.service; do
     [ "$(systemctl is-enabled "$unit" 2>/dev/null || true)" = masked ] || fail "$unit is not masked"
