@@ -5,9 +5,9 @@ One fresh BIOS boot of each, one after the other, with real QEMU and the same fl
 
 - the appliance's power-on to an activation key on port 80 against the bare image's
   power-on to an HTTP answer on port 80 (a ratio, because absolute TCG seconds move with
-  the host's load): the issue's goal is 0.8x and 25 s (third pass: median 0.73x but 26 s at
-  load 1.7, docs/image.md "Boot"); printed as a figure, and held to today's figures with a
-  margin (REGRESSION_RATIO, REGRESSION_SECONDS when the bare boot shows a quiet host);
+  the host's load): the issue's goals, 0.8x and 25 s, are asserted when the bare boot shows
+  a quiet host (fourth pass: 0.63-0.74x per pair, 14.7-16.7 s, docs/image.md "Boot"); on a
+  busy host only that the appliance is not slower than a stock Debian;
 - the serial console must show the boot's progress (GRUB's steps, one line per unit from
   systemd) and then the appliance's banner with its address and the activation URL.
 
@@ -29,17 +29,12 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 BASELINE_BUILD = 1800
 PAIR = 300 + 300 + 120 + 60
-# A bare boot slower than this says the host was busy (quiet: 22-26 s BIOS under TCG): the
-# absolute 25 s bound is only asserted below it, the ratio always.
+# A bare boot slower than this says the host was busy (quiet: 21-26 s BIOS under TCG): the
+# goals are asserted below it. Above it, a busy host takes the two vCPUs' parallelism away and
+# the appliance's boot, heavier in CPU than the bare one, loses more (the second pass measured
+# 1.32x at load 4+): only "not slower than a stock Debian" is asserted then.
 QUIET_BARE_SECONDS = 32.0
-# What the test holds the boot to today (the issue's goal is 0.8x and 25 s, printed with
-# the figure): medians 0.88-0.89x after the second pass, 0.73x (26.1 s) after the third at
-# load 1.7, single pairs 0.73-1.04x, 24.7-29.3 s beside bare boots of 30-36 s at load 1-3
-# (docs/image.md, "Boot"). Not tightened: at load 4+
-# (another engineer's tests beside the boots) the median was 1.32x, 40 s beside a 30 s bare
-# boot, the appliance's heavier boot losing more to a busy host than the bare one.
-REGRESSION_RATIO = 1.35
-REGRESSION_SECONDS = 36.0
+BUSY_RATIO = 1.0
 BANNER = r"Activation key: http://10\.0\.2\.15/"
 
 
@@ -74,14 +69,13 @@ def test_boot_to_key_against_a_bare_debian_boot(boot_pair, figure) -> None:
            f"ratio {ratio:.2f} ({goals(ratio, appliance.seconds)})")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in appliance.stages.items())
     figure(f"boot stages (BIOS): {stages}")
-    # The goal (0.8x, 25 s) is not met in every run (0.73-0.89x medians, 26-29 s:
-    # docs/image.md, "Boot"): the figure says so, and the test guards against the boot
-    # getting slower.
-    assert ratio <= REGRESSION_RATIO, (
-        f"the appliance took {appliance.seconds:.1f} s to a key, {ratio:.2f}x the bare image's "
-        f"{bare.seconds:.1f} s to HTTP; stages: {stages}\n{appliance.guest_report}")
+    detail = (f"the appliance took {appliance.seconds:.1f} s to a key, {ratio:.2f}x the bare "
+              f"image's {bare.seconds:.1f} s to HTTP; stages: {stages}\n{appliance.guest_report}")
     if bare.seconds <= QUIET_BARE_SECONDS:
-        assert appliance.seconds <= REGRESSION_SECONDS, stages
+        assert ratio <= bootbench.TARGET_RATIO, detail
+        assert appliance.seconds <= bootbench.TARGET_SECONDS, detail
+    else:
+        assert ratio <= BUSY_RATIO, detail
 
 
 @vm_timeout(BASELINE_BUILD + PAIR + 60)
