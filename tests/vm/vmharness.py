@@ -26,8 +26,8 @@ if str(REPO) not in sys.path:
 from tests.conftest import free_port  # noqa: E402
 from tests.conftest import wait_until as poll  # noqa: E402
 from tools.image.guestagent import GuestAgent, GuestAgentError  # noqa: E402, F401
-from tools.image.httpprobe import first_key  # noqa: E402
-from tools.image.vm import VmConfig, http_get, make_overlay, terminate  # noqa: E402
+from tools.image.httpprobe import first_key, get  # noqa: E402
+from tools.image.vm import VmConfig, make_overlay, terminate  # noqa: E402
 
 KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 KEY_QUERY = "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
@@ -81,7 +81,7 @@ class Guest:
 
     def get(self, target: str, timeout: float = 10.0) -> tuple[int, str] | None:
         """GET on the forwarded port 80, redirects NOT followed; None while nothing answers."""
-        return http_get(self.http_port, target, timeout)
+        return get(self.http_port, target, timeout)
 
     def wait_for_key(self, timeout: float = BOOT_TIMEOUT) -> tuple[float, str]:
         """Seconds since power-on until the activation endpoint hands out a key, and the key

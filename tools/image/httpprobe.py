@@ -46,6 +46,12 @@ def _shut(conn: http.client.HTTPConnection) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def get(port: int, target: str, timeout: float) -> Answer | None:
+    """One GET on a guest's forwarded port (127.0.0.1:`port`), redirects not followed;
+    (status, body), or None while nothing answers (refused, cut or timed out)."""
+    return _get(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), target)
+
+
 def _get(conn: http.client.HTTPConnection, target: str) -> Answer | None:
     """One GET on `conn`, closed after; None when it is refused, cut or timed out."""
     try:
@@ -126,7 +132,7 @@ def first_key(port: int, target: str, parse: Callable[[int, str], T | None], dea
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"no activation key on port {port} before the deadline")
-        answer = _get(http.client.HTTPConnection("127.0.0.1", port, timeout=remaining), target)
+        answer = get(port, target, remaining)
         at = time.monotonic()
         value = parse(*answer) if answer is not None else None
         if value is not None:

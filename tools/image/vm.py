@@ -23,7 +23,6 @@ scripts; `python3 tools/image/vm.py relay HOST PORT` is the per-connection relay
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import selectors
 import shlex
@@ -277,20 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def http_get(port: int, target: str, timeout: float = 5.0) -> tuple[int, str] | None:
-    """One GET on a guest's forwarded port, redirects not followed; (status, body), or None
-    while nothing answers."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", target)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode(errors="replace")
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
 
 
 def terminate(proc: subprocess.Popen[bytes]) -> None:
