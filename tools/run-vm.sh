@@ -71,7 +71,7 @@ cat <<MSG
 ==> the VM's qemu+tcp://10.0.2.101:16509/system is this machine's 127.0.0.1:$hv_port
     (and its 10.0.2.101:10809-10872, a backup's NBD exports, this machine's same ports)
     (a demo hypervisor there: .venv/bin/python -m tools.demohypervisor start --port $hv_port)
-    From another terminal, once the console shows up (about 30 s under TCG):
+    From another terminal, once the console shows up (about 20 s under TCG):
 
     eval "\$(.venv/bin/python -m controlplane env --state-dir $cp_state)"
     curl "http://127.0.0.1:$http_port/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
