@@ -42,11 +42,8 @@ CHECK_SECONDS = 10.0
 def full_collection() -> tuple[int, float]:
     """Collect everything now, the frozen objects too, then freeze the survivors:
     (objects collected, seconds)."""
-    started = time.perf_counter()
-    gc.unfreeze()
-    collected = gc.collect()
-    gc.freeze()
-    return collected, time.perf_counter() - started
+    gc.unfreeze()  # the frozen objects back in the oldest generation: a list splice
+    return collection_since_last()
 
 
 def collection_since_last() -> tuple[int, float]:

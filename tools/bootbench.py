@@ -44,13 +44,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.image.guestagent import GuestAgent  # noqa: E402
-from tools.image.httpprobe import first_answer, first_key  # noqa: E402
+from tools.image.httpprobe import KEY_QUERY, first_answer, first_key, key_answer  # noqa: E402
 from tools.image.vm import VmConfig, extract_disk, terminate  # noqa: E402
 
 BASELINE_RECIPE = REPO / "tools" / "image" / "baseline"
 CACHE = REPO / "build" / "bootbench"
-KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
-KEY_QUERY = "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
 TARGET_RATIO = 0.8
 TARGET_SECONDS = 25.0
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
@@ -214,25 +212,21 @@ def running_vm(disk: Path, disk_format: str, workdir: Path, name: str, firmware:
         overlay.unlink(missing_ok=True)
 
 
-def wait_answer(proc: subprocess.Popen[bytes], t0: float, port: int, what: str,
-                timeout: float, probe: Callable[..., tuple[float, str]]) -> tuple[float, str]:
-    """Seconds since power-on until the guest's answer `probe` waits for on its forwarded port
-    80 (tools/image/httpprobe.py: GETs overlap, so a boot is not measured in a probe's timeout
-    steps; nothing in the guest can tell the host it is up sooner)."""
+def wait_answer(proc: subprocess.Popen[bytes], t0: float, what: str, timeout: float,
+                probe: Callable[[float, Callable[[], None]], tuple[float, str]]
+                ) -> tuple[float, str]:
+    """Seconds since power-on until the answer `probe(deadline, alive)` waits for on the
+    guest's forwarded port 80 (tools/image/httpprobe.py: GETs overlap, so a boot is not
+    measured in a probe's timeout steps; nothing in the guest can tell the host it is up
+    sooner)."""
     def alive() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"QEMU exited {proc.returncode} before {what}")
     try:
-        at, answer = probe(port, t0 + timeout, alive)
+        at, answer = probe(t0 + timeout, alive)
     except TimeoutError:
         raise TimeoutError(f"no {what} within {timeout:.0f} s") from None
     return at - t0, answer
-
-
-def key_answer(status: int, body: str) -> str | None:
-    """The activation key in a key request's answer, or None."""
-    first = body.splitlines()[0].strip() if status == 200 and body else ""
-    return first if KEY_RE.match(first) else None
 
 
 def boot_baseline(disk: Path, workdir: Path, firmware: str, accel: str,
@@ -243,9 +237,9 @@ def boot_baseline(disk: Path, workdir: Path, firmware: str, accel: str,
         serial = SerialRecorder(Path(cfg.serial), t0)
         try:
             seconds, answer = wait_answer(
-                proc, t0, cfg.http_port, "HTTP answer", timeout,
-                lambda port, deadline, alive: first_answer(
-                    port, "/", lambda status, _body: f"HTTP {status}", deadline, alive))
+                proc, t0, "HTTP answer", timeout,
+                lambda deadline, alive: first_answer(
+                    cfg.http_port, "/", lambda status, _body: f"HTTP {status}", deadline, alive))
         finally:
             serial.close()
     return Boot("bare Debian", firmware, seconds, answer, serial.lines)
@@ -277,9 +271,9 @@ def boot_appliance(disk: Path, workdir: Path, control_plane_port: int, firmware:
         serial = SerialRecorder(Path(cfg.serial), t0)
         try:
             seconds, answer = wait_answer(
-                proc, t0, cfg.http_port, "activation key", timeout,
-                lambda port, deadline, alive: first_key(port, KEY_QUERY, key_answer, deadline,
-                                                        alive))
+                proc, t0, "activation key", timeout,
+                lambda deadline, alive: first_key(cfg.http_port, KEY_QUERY, key_answer, deadline,
+                                                  alive))
             boot = Boot("appliance", firmware, seconds, answer)
             if serial_until is not None:
                 serial.wait_for(serial_until, 60)

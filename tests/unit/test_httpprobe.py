@@ -1,6 +1,7 @@
 """The boot probe (tools/image/httpprobe.py) against a real socket that behaves like QEMU's
 user network before the guest has its address: every connection accepted at once, then held
-with no answer. Once the "guest" is up, new connections are answered."""
+with no answer. Once the "guest" is up, new connections are answered, and the held ones
+still open are delivered late, as QEMU retries them."""
 
 from __future__ import annotations
 

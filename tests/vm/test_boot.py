@@ -6,7 +6,7 @@ One fresh BIOS boot of each, one after the other, with real QEMU and the same fl
 - the appliance's power-on to an activation key on port 80 against the bare image's
   power-on to an HTTP answer on port 80 (a ratio, because absolute TCG seconds move with
   the host's load): the issue's goals, 0.8x and 25 s, are asserted when the bare boot shows
-  a quiet host (fourth pass: 0.63-0.74x per pair, 14.7-16.7 s, docs/image.md "Boot"); on a
+  a quiet host (fourth pass: 0.62-0.69x per pair, 12.7-14.9 s, docs/image.md "Boot"); on a
   busy host only that the appliance is not slower than a stock Debian;
 - the serial console must show the boot's progress (GRUB's steps, one line per unit from
   systemd) and then the appliance's banner with its address and the activation URL.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -26,11 +25,9 @@ if str(REPO) not in sys.path:
 from tests.conftest import free_port  # noqa: E402
 from tests.conftest import wait_until as poll  # noqa: E402
 from tools.image.guestagent import GuestAgent, GuestAgentError  # noqa: E402, F401
-from tools.image.httpprobe import first_key, get  # noqa: E402
+from tools.image.httpprobe import KEY_QUERY, KEY_RE, first_key, get, key_answer  # noqa: E402, F401
 from tools.image.vm import VmConfig, make_overlay, terminate  # noqa: E402
 
-KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
-KEY_QUERY = "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
 BOOT_TIMEOUT = 300.0  # TCG on a busy 2-core machine; a boot normally takes 15-30 s
 # Without APPLIANCE_OVA the session builds the OVA (tests/vm/conftest.py, at most this long)
 # inside the setup of the first test that needs it, which pytest-timeout counts.
@@ -87,11 +84,8 @@ class Guest:
         """Seconds since power-on until the activation endpoint hands out a key, and the key
         (tools/image/httpprobe.py: overlapping GETs until port 80 serves, then one key
         request at a time)."""
-        def key(status: int, body: str) -> str | None:
-            first = body.splitlines()[0].strip() if status == 200 and body else ""
-            return first if KEY_RE.match(first) else None
-        at, found = first_key(self.http_port, KEY_QUERY, key, time.monotonic() + timeout,
-                              self._alive)
+        at, found = first_key(self.http_port, KEY_QUERY, key_answer,
+                              time.monotonic() + timeout, self._alive)
         return at - self.started, found
 
     def status(self) -> dict[str, Any]:

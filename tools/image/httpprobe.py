@@ -24,6 +24,7 @@ import collections
 import contextlib
 import http.client
 import queue
+import re
 import socket
 import threading
 import time
@@ -36,6 +37,9 @@ Answer = tuple[int, str]  # HTTP status, body
 RETRY_AFTER_REFUSAL = 0.05
 # A target the appliance's port 80 answers (404) without doing anything: it is serving.
 SERVING_PROBE = "/serving"
+# The key request the boot benchmark and the VM tests make, and what its answer holds.
+KEY_QUERY = "/?activationRegion=us-west-2&gatewayType=BACKUP_VM&no_redirect"
+KEY_RE = re.compile(r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$")
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:
@@ -77,7 +81,7 @@ def first_answer(port: int, target: str, accept: Callable[[int, str], T | None],
     results: queue.Queue[tuple[http.client.HTTPConnection, float, Answer | None]] = queue.Queue()
     waiting: collections.deque[tuple[http.client.HTTPConnection, float]] = collections.deque()
 
-    def get(conn: http.client.HTTPConnection) -> None:
+    def ask(conn: http.client.HTTPConnection) -> None:
         answer = _get(conn, target)
         results.put((conn, time.monotonic(), answer))
 
@@ -95,7 +99,7 @@ def first_answer(port: int, target: str, accept: Callable[[int, str], T | None],
                 if len(waiting) < pending:
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
                     waiting.append((conn, now))
-                    threading.Thread(target=get, args=(conn,), daemon=True).start()
+                    threading.Thread(target=ask, args=(conn,), daemon=True).start()
                 next_start = now + interval
             try:
                 done, at, answer = results.get(
@@ -116,6 +120,12 @@ def first_answer(port: int, target: str, accept: Callable[[int, str], T | None],
     finally:
         for conn, _ in waiting:
             _shut(conn)
+
+
+def key_answer(status: int, body: str) -> str | None:
+    """The activation key in the answer to KEY_QUERY, or None."""
+    first = body.splitlines()[0].strip() if status == 200 and body else ""
+    return first if KEY_RE.match(first) else None
 
 
 def first_key(port: int, target: str, parse: Callable[[int, str], T | None], deadline: float,
